@@ -1,0 +1,223 @@
+"""Frozen dataclass configs with validation.
+
+Every config validates itself in `__post_init__`, so a bad value fails at
+construction with a message naming the field, before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+AGENTS = ("ald", "lstm", "transformer", "asymmetric")
+RL_LOSSES = ("vmpo", "vtrace")
+VALUE_TARGETS = ("vtrace", "nstep")
+
+
+class ConfigError(ValueError):
+  """A configuration value is invalid. The message names the field."""
+
+
+def _require(condition: bool, field: str, message: str) -> None:
+  if not condition:
+    raise ConfigError(f"{field}: {message}")
+
+
+def _positive_int(value: Any, field: str) -> None:
+  _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+           field, f"must be a positive integer, got {value!r}")
+
+
+def _non_negative(value: Any, field: str) -> None:
+  _require(isinstance(value, (int, float)) and not isinstance(value, bool)
+           and value >= 0, field, f"must be >= 0, got {value!r}")
+
+
+def _positive(value: Any, field: str) -> None:
+  _require(isinstance(value, (int, float)) and not isinstance(value, bool)
+           and value > 0, field, f"must be > 0, got {value!r}")
+
+
+def _probability(value: Any, field: str, allow_zero: bool = False) -> None:
+  low_ok = value >= 0 if allow_zero else value > 0
+  _require(isinstance(value, (int, float)) and low_ok and value <= 1, field,
+           f"must be in {'[0' if allow_zero else '(0'}, 1], got {value!r}")
+
+
+def _int_tuple(value: Any, field: str, allow_empty: bool = True) -> None:
+  _require(isinstance(value, tuple) and all(
+      isinstance(v, int) and v > 0 for v in value), field,
+           f"must be a tuple of positive integers, got {value!r}")
+  _require(allow_empty or len(value) > 0, field, "must not be empty")
+
+
+@dataclasses.dataclass(frozen=True)
+class TorsoConfig:
+  """Observation encoder shared by actor and learner designs.
+
+  Grid observations ([H, W, C]) go through `conv_channels` 3x3 convolutions;
+  every observation is then flattened through an MLP of `mlp_sizes`.
+  """
+  conv_channels: tuple[int, ...] = (16,)
+  mlp_sizes: tuple[int, ...] = (128,)
+
+  def __post_init__(self):
+    _int_tuple(self.conv_channels, "torso.conv_channels")
+    _int_tuple(self.mlp_sizes, "torso.mlp_sizes", allow_empty=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class LSTMConfig:
+  hidden_size: int = 128
+
+  def __post_init__(self):
+    _positive_int(self.hidden_size, "lstm.hidden_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class GTrXLConfig:
+  """Gated Transformer-XL (Parisotto et al. 2020)."""
+  num_layers: int = 4
+  d_model: int = 256
+  num_heads: int = 4
+  mlp_size: int = 512
+  # Steps each position attends back to (the Transformer-XL memory); the
+  # acting step keeps a K/V cache of this length.
+  memory_length: int = 64
+  gate_bias: float = 2.0
+
+  def __post_init__(self):
+    _positive_int(self.num_layers, "gtrxl.num_layers")
+    _positive_int(self.d_model, "gtrxl.d_model")
+    _positive_int(self.num_heads, "gtrxl.num_heads")
+    _positive_int(self.mlp_size, "gtrxl.mlp_size")
+    _positive_int(self.memory_length, "gtrxl.memory_length")
+    _require(self.d_model % self.num_heads == 0, "gtrxl.d_model",
+             f"must be divisible by gtrxl.num_heads ({self.num_heads}), "
+             f"got {self.d_model}")
+    _require(isinstance(self.gate_bias, (int, float)), "gtrxl.gate_bias",
+             f"must be a number, got {self.gate_bias!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class VMPOConfig:
+  """V-MPO (Song et al. 2019) hyper-parameters."""
+  top_k_fraction: float = 0.5
+  epsilon_eta: float = 0.1        # temperature constraint
+  epsilon_alpha: float = 0.01     # KL(target || online) trust region
+  init_eta: float = 1.0
+  init_alpha: float = 5.0
+  value_cost: float = 0.5
+  target_update_period: int = 10  # learner steps between target refreshes
+  value_target: str = "vtrace"    # "vtrace" (off-policy corrected) | "nstep"
+
+  def __post_init__(self):
+    _probability(self.top_k_fraction, "vmpo.top_k_fraction")
+    _positive(self.epsilon_eta, "vmpo.epsilon_eta")
+    _positive(self.epsilon_alpha, "vmpo.epsilon_alpha")
+    _positive(self.init_eta, "vmpo.init_eta")
+    _positive(self.init_alpha, "vmpo.init_alpha")
+    _non_negative(self.value_cost, "vmpo.value_cost")
+    _positive_int(self.target_update_period, "vmpo.target_update_period")
+    _require(self.value_target in VALUE_TARGETS, "vmpo.value_target",
+             f"must be one of {VALUE_TARGETS}, got {self.value_target!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class VTraceConfig:
+  """IMPALA / V-trace actor-critic (Espeholt et al. 2018)."""
+  baseline_cost: float = 0.5
+  entropy_cost: float = 0.01
+  clip_rho_threshold: float = 1.0
+  clip_pg_rho_threshold: float = 1.0
+  lambda_: float = 1.0
+
+  def __post_init__(self):
+    _non_negative(self.baseline_cost, "vtrace.baseline_cost")
+    _non_negative(self.entropy_cost, "vtrace.entropy_cost")
+    _positive(self.clip_rho_threshold, "vtrace.clip_rho_threshold")
+    _positive(self.clip_pg_rho_threshold, "vtrace.clip_pg_rho_threshold")
+    _probability(self.lambda_, "vtrace.lambda_", allow_zero=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+  """Actor-learner distillation coefficients (SPEC section 1)."""
+  policy_cost: float = 1.0        # alpha_pi: KL(sg[pi_L] || pi_A)
+  value_cost: float = 1.0         # alpha_V: 1/2 (sg[V_L] - V_A)^2
+  learner_pull_cost: float = 0.0  # beta: KL(sg[pi_A] || pi_L), reaches theta_L
+
+  def __post_init__(self):
+    _non_negative(self.policy_cost, "distill.policy_cost")
+    _non_negative(self.value_cost, "distill.value_cost")
+    _non_negative(self.learner_pull_cost, "distill.learner_pull_cost")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  learning_rate: float = 3e-4
+  max_grad_norm: float = 1.0
+  adam_eps: float = 1e-6
+
+  def __post_init__(self):
+    _positive(self.learning_rate, "optimizer.learning_rate")
+    _positive(self.max_grad_norm, "optimizer.max_grad_norm")
+    _positive(self.adam_eps, "optimizer.adam_eps")
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerConfig:
+  """Everything the jitted learner step depends on.
+
+  Batches hold `learner_context + unroll_length + 1` time steps: a context
+  prefix the transformer reads as memory, the unroll the losses cover, and one
+  bootstrap step (the first step of the next unroll).
+  """
+  agent: str = "ald"
+  rl_loss: str = "vmpo"
+  discount: float = 0.99
+  unroll_length: int = 32
+  learner_context: int = 32
+  batch_size: int = 16
+  torso: TorsoConfig = TorsoConfig()
+  lstm: LSTMConfig = LSTMConfig()
+  gtrxl: GTrXLConfig = GTrXLConfig()
+  vmpo: VMPOConfig = VMPOConfig()
+  vtrace: VTraceConfig = VTraceConfig()
+  distill: DistillConfig = DistillConfig()
+  learner_optimizer: OptimizerConfig = OptimizerConfig()
+  actor_optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-3)
+
+  def __post_init__(self):
+    _require(self.agent in AGENTS, "agent",
+             f"must be one of {AGENTS}, got {self.agent!r}")
+    _require(self.rl_loss in RL_LOSSES, "rl_loss",
+             f"must be one of {RL_LOSSES}, got {self.rl_loss!r}")
+    _probability(self.discount, "discount", allow_zero=True)
+    _positive_int(self.unroll_length, "unroll_length")
+    _require(isinstance(self.learner_context, int) and self.learner_context >= 0,
+             "learner_context", f"must be an integer >= 0, got "
+             f"{self.learner_context!r}")
+    _positive_int(self.batch_size, "batch_size")
+
+  @property
+  def sequence_length(self) -> int:
+    """Time steps in one batch row: context + unroll + bootstrap step."""
+    return self.learner_context + self.unroll_length + 1
+
+  @property
+  def learner_is_transformer(self) -> bool:
+    return self.agent in ("ald", "transformer")
+
+  @property
+  def actor_is_learner(self) -> bool:
+    """True when the acting network is (part of) the learner: no distillation."""
+    return self.agent in ("lstm", "transformer", "asymmetric")
+
+  @property
+  def uses_transformer(self) -> bool:
+    return self.agent != "lstm"
+
+
+def replace(config, **changes):
+  """`dataclasses.replace` that re-validates (frozen configs validate on init)."""
+  return dataclasses.replace(config, **changes)

@@ -1,0 +1,1 @@
+"""numpy dm_env memory environments, batched stepping, registry and adapters."""

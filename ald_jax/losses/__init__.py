@@ -1,0 +1,1 @@
+"""Pure loss functions over [T] arrays (vmapped over batch): V-MPO, V-trace, distillation."""

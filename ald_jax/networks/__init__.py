@@ -1,0 +1,1 @@
+"""Flax networks: torso, LSTM actor core, Gated Transformer-XL, policy-value nets."""

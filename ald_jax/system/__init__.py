@@ -1,0 +1,1 @@
+"""The one-host system: pinned actor threads, queue, parameter slot, learner loop."""
