@@ -1,0 +1,48 @@
+"""Actor-learner distillation losses (SPEC section 1).
+
+* Actor (student) side: alpha_pi * KL(sg[pi_L] || pi_A) is
+  `policy_distillation(teacher_logits=learner_logits, student_logits=
+  actor_logits)`, and alpha_V * 1/2 (sg[V_L] - V_A)^2 is
+  `value_distillation(teacher_values=learner_values, student_values=
+  actor_values)`.
+* Learner pull: beta * KL(sg[pi_A] || pi_L) is the same `policy_distillation`
+  with the roles swapped (teacher = actor, student = learner), so it reaches
+  the learner's parameters only.
+
+The teacher side is always wrapped in `stop_gradient`, so these functions on
+their own guarantee that no gradient reaches the teacher. Both are per step:
+`[T, A]`/`[T]` in, `[T]` out (callers `jax.vmap` over the batch, then mask and
+average with `masked_mean`).
+"""
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from ald_jax.losses import common
+
+Array = chex.Array
+
+
+def policy_distillation(teacher_logits: Array, student_logits: Array) -> Array:
+  """Per-step KL(sg[pi_teacher] || pi_student) from logits `[T, A]` -> `[T]`.
+
+  Its gradient w.r.t. the student logits is softmax(student) -
+  softmax(teacher). For the learner-pull term KL(sg[pi_A] || pi_L) call it
+  with teacher = actor logits and student = learner logits.
+  """
+  chex.assert_equal_shape([teacher_logits, student_logits])
+  chex.assert_rank(student_logits, 2)
+  chex.assert_type([teacher_logits, student_logits], jnp.float32)
+  return common.categorical_kl(jax.lax.stop_gradient(teacher_logits),
+                               student_logits)
+
+
+def value_distillation(teacher_values: Array, student_values: Array) -> Array:
+  """Per-step 1/2 (sg[V_teacher] - V_student)^2, `[T]` -> `[T]`."""
+  chex.assert_equal_shape([teacher_values, student_values])
+  chex.assert_rank(student_values, 1)
+  chex.assert_type([teacher_values, student_values], jnp.float32)
+  return 0.5 * jnp.square(jax.lax.stop_gradient(teacher_values)
+                          - student_values)

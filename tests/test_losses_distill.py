@@ -1,0 +1,165 @@
+"""Tests for ald_jax.losses.distill and the KL/entropy helpers in common."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import rlax
+
+from ald_jax.losses import common
+from ald_jax.losses import distill
+
+f32 = lambda x: jnp.asarray(x, jnp.float32)
+
+# rlax only serves as an oracle here; its deprecation notice is noise.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Rlax categorical_kl_divergence:PendingDeprecationWarning")
+
+policy_distillation = jax.jit(distill.policy_distillation)
+value_distillation = jax.jit(distill.value_distillation)
+
+
+def _random_logits(seed, shape=(6, 5), scale=2.0):
+  return f32(np.random.default_rng(seed).normal(size=shape) * scale)
+
+
+# ------------------------------------------------------------ KL, entropy --
+
+
+def test_categorical_kl_and_entropy_hand_values():
+  p = f32([[math.log(3.0), 0.0], [0.0, 0.0]])
+  q = f32([[0.0, 0.0], [math.log(3.0), 0.0]])
+  # KL([.75, .25] || [.5, .5]) = .75 ln 1.5 + .25 ln .5;
+  # KL([.5, .5] || [.75, .25]) = .5 ln(2/3) + .5 ln 2 = .5 ln(4/3).
+  np.testing.assert_allclose(
+      common.categorical_kl(p, q),
+      [0.75 * math.log(1.5) + 0.25 * math.log(0.5), 0.5 * math.log(4 / 3)],
+      rtol=1e-6)
+  # H([.75, .25]) = -(.75 ln .75 + .25 ln .25); H(uniform over 2) = ln 2.
+  np.testing.assert_allclose(
+      common.entropy(p),
+      [-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)), math.log(2.0)],
+      rtol=1e-6)
+
+
+def test_categorical_kl_value_and_gradients_match_rlax():
+  """The closed-form JVP agrees with autodiff of an independent KL."""
+  p, q = _random_logits(0), _random_logits(1)
+  ours = lambda a, b: jnp.sum(common.categorical_kl(a, b) * jnp.arange(6.0))
+  ref = lambda a, b: jnp.sum(rlax.categorical_kl_divergence(a, b)
+                             * jnp.arange(6.0))
+  np.testing.assert_allclose(common.categorical_kl(p, q),
+                             rlax.categorical_kl_divergence(p, q), rtol=1e-5,
+                             atol=1e-6)
+  grads = jax.jit(jax.grad(ours, argnums=(0, 1)))(p, q)
+  ref_grads = jax.jit(jax.grad(ref, argnums=(0, 1)))(p, q)
+  for g, ref_g in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, ref_g, rtol=1e-4, atol=1e-6)
+  # Forward-mode too (jvp is what we defined; grad goes through its transpose).
+  tangent = _random_logits(2)
+  _, jvp_ours = jax.jvp(lambda a: common.categorical_kl(a, q), (p,), (tangent,))
+  _, jvp_ref = jax.jvp(lambda a: rlax.categorical_kl_divergence(a, q), (p,),
+                       (tangent,))
+  np.testing.assert_allclose(jvp_ours, jvp_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_categorical_kl_stable_for_large_logits():
+  p = f32([[1000.0, 0.0, -1000.0]])
+  q = f32([[0.0, 1000.0, 0.0]])
+  kl = common.categorical_kl(p, q)
+  # p is one-hot on action 0, q puts e^-1000 there: KL = 1000.
+  np.testing.assert_allclose(kl, [1000.0], rtol=1e-5)
+  grads = jax.grad(lambda a, b: common.categorical_kl(a, b).sum(),
+                   argnums=(0, 1))(p, q)
+  assert all(np.all(np.isfinite(g)) for g in grads)
+  assert np.isfinite(common.entropy(p)).all()
+
+
+# ------------------------------------------------------------ distillation --
+
+
+def test_policy_distillation_hand_values():
+  teacher = f32([[math.log(3.0), 0.0], [0.0, 0.0]])
+  student = f32([[0.0, 0.0], [math.log(3.0), 0.0]])
+  np.testing.assert_allclose(
+      policy_distillation(teacher, student),
+      [0.75 * math.log(1.5) + 0.25 * math.log(0.5), 0.5 * math.log(4 / 3)],
+      rtol=1e-6)
+
+
+def test_value_distillation_hand_values():
+  # 0.5*(1 - 0.5)^2 = 0.125; 0.5*(-2 - 1)^2 = 4.5.
+  np.testing.assert_allclose(
+      value_distillation(f32([1.0, -2.0]), f32([0.5, 1.0])), [0.125, 4.5])
+
+
+def test_distillation_exactly_zero_when_teacher_equals_student():
+  logits = _random_logits(3, scale=4.0)
+  values = f32(np.random.default_rng(4).normal(size=6))
+  np.testing.assert_array_equal(policy_distillation(logits, logits), 0.0)
+  np.testing.assert_array_equal(value_distillation(values, values), 0.0)
+  # Teacher and student are both runtime arguments, as in the learner. (A
+  # teacher closed over as a jit constant is constant-folded by a different
+  # code path, whose log_softmax may differ from the runtime one by an ulp.)
+  grad_pi = jax.jit(jax.grad(
+      lambda t, s: distill.policy_distillation(t, s).sum(), argnums=1))(
+          logits, logits)
+  grad_v = jax.jit(jax.grad(
+      lambda t, s: distill.value_distillation(t, s).sum(), argnums=1))(
+          values, values)
+  np.testing.assert_array_equal(grad_pi, 0.0)
+  np.testing.assert_array_equal(grad_v, 0.0)
+  # Eagerly too.
+  grad_pi = jax.grad(
+      lambda s: distill.policy_distillation(logits, s).sum())(logits)
+  np.testing.assert_array_equal(grad_pi, 0.0)
+
+
+def test_no_gradient_reaches_the_teacher():
+  teacher, student = _random_logits(5), _random_logits(6)
+  v_teacher = f32(np.random.default_rng(7).normal(size=6))
+  v_student = f32(np.random.default_rng(8).normal(size=6))
+  g_teacher, g_student = jax.jit(jax.grad(
+      lambda t, s: distill.policy_distillation(t, s).sum(), argnums=(0, 1)))(
+          teacher, student)
+  np.testing.assert_array_equal(g_teacher, 0.0)
+  assert np.abs(g_student).max() > 1e-3
+  gv_teacher, gv_student = jax.jit(jax.grad(
+      lambda t, s: distill.value_distillation(t, s).sum(), argnums=(0, 1)))(
+          v_teacher, v_student)
+  np.testing.assert_array_equal(gv_teacher, 0.0)
+  # d/dV_s 0.5*(V_t - V_s)^2 = V_s - V_t.
+  np.testing.assert_allclose(gv_student, v_student - v_teacher, rtol=1e-6)
+
+
+def test_policy_distillation_gradient_is_analytic():
+  teacher, student = _random_logits(9), _random_logits(10)
+  grad = jax.jit(jax.grad(
+      lambda s: distill.policy_distillation(teacher, s).sum()))(student)
+  np.testing.assert_allclose(
+      grad, jax.nn.softmax(student) - jax.nn.softmax(teacher), rtol=1e-5,
+      atol=1e-7)
+
+
+def test_learner_pull_is_roles_swapped():
+  """beta * KL(sg[pi_A] || pi_L): teacher = actor, student = learner."""
+  actor, learner = _random_logits(11), _random_logits(12)
+  pull = policy_distillation(actor, learner)
+  np.testing.assert_allclose(pull, common.categorical_kl(actor, learner),
+                             rtol=1e-6)
+  # KL is asymmetric, so the role order matters.
+  assert not np.allclose(pull, policy_distillation(learner, actor))
+  g_actor = jax.grad(
+      lambda a: distill.policy_distillation(a, learner).sum())(actor)
+  np.testing.assert_array_equal(g_actor, 0.0)
+
+
+def test_distillation_rejects_bad_inputs():
+  with pytest.raises(AssertionError):
+    distill.policy_distillation(jnp.zeros((3, 4)), jnp.zeros((3, 5)))
+  with pytest.raises(AssertionError):
+    distill.value_distillation(jnp.zeros((3,)), jnp.zeros((3, 1)))
+  with pytest.raises(AssertionError):
+    distill.policy_distillation(jnp.zeros((3, 4), jnp.int32),
+                                jnp.zeros((3, 4), jnp.int32))
