@@ -1,0 +1,133 @@
+"""PNG learning curves from run directories.
+
+    python -m ald_jax.plot RUN_DIR [RUN_DIR ...] [--out FILE]
+
+One figure, four panels: episode return and success rate, each against env
+steps and against wall-clock time; one curve per run, labelled by its agent
+(the metrics rows' `agent`, else `config.json`, else the directory name).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+from ald_jax import metrics  # pylint: disable=g-import-not-at-top
+
+DEFAULT_NAME = "curves.png"
+_PANELS = (
+    (metrics.EPISODE_RETURN, metrics.ENV_STEPS, "episode return", "env steps"),
+    (metrics.EPISODE_RETURN, metrics.WALL_TIME, "episode return",
+     "wall-clock (s)"),
+    (metrics.SUCCESS_RATE, metrics.ENV_STEPS, "success rate", "env steps"),
+    (metrics.SUCCESS_RATE, metrics.WALL_TIME, "success rate",
+     "wall-clock (s)"),
+)
+
+
+def _find_agent(value: Any) -> str | None:
+  """The first `agent` string in a (nested) config dict."""
+  if isinstance(value, dict):
+    if isinstance(value.get("agent"), str):
+      return value["agent"]
+    for child in value.values():
+      found = _find_agent(child)
+      if found:
+        return found
+  return None
+
+
+def run_label(run_dir: str, rows: Sequence[dict[str, Any]]) -> str:
+  for row in rows:
+    if isinstance(row.get(metrics.AGENT), str):
+      return row[metrics.AGENT]
+  config_path = os.path.join(run_dir, "config.json")
+  if os.path.exists(config_path):
+    with open(config_path, encoding="utf-8") as f:
+      found = _find_agent(json.load(f))
+    if found:
+      return found
+  return os.path.basename(os.path.normpath(run_dir))
+
+
+def _series(rows: Sequence[dict[str, Any]], x_key: str,
+            y_key: str) -> tuple[list[float], list[float]]:
+  xs, ys = [], []
+  for row in rows:
+    x, y = row.get(x_key), row.get(y_key)
+    if isinstance(x, (int, float)) and isinstance(y, (int, float)) and not (
+        math.isnan(x) or math.isnan(y)):
+      xs.append(float(x))
+      ys.append(float(y))
+  return xs, ys
+
+
+def plot_runs(run_dirs: Sequence[str | os.PathLike],
+              out_path: str | os.PathLike, title: str | None = None) -> str:
+  """Writes the 2x2 curves PNG for `run_dirs` to `out_path`; returns it."""
+  if not run_dirs:
+    raise ValueError("plot_runs needs at least one run directory")
+  runs = []
+  for run_dir in map(os.fspath, run_dirs):
+    rows = metrics.read_metrics(run_dir)
+    runs.append((run_dir, run_label(run_dir, rows), rows))
+  labels = [label for _, label, _ in runs]
+  # Same agent twice (e.g. two seeds): disambiguate with the directory name.
+  runs = [(d, f"{label} ({os.path.basename(os.path.normpath(d))})"
+           if labels.count(label) > 1 else label, rows)
+          for d, label, rows in runs]
+
+  fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), squeeze=False)
+  for ax, (y_key, x_key, y_name, x_name) in zip(axes.flat, _PANELS):
+    plotted = False
+    for _, label, rows in runs:
+      xs, ys = _series(rows, x_key, y_key)
+      if xs:
+        ax.plot(xs, ys, label=label)
+        plotted = True
+    ax.set_xlabel(x_name)
+    ax.set_ylabel(y_name)
+    ax.grid(alpha=0.3)
+    if plotted:
+      ax.legend(fontsize=8)
+    else:
+      ax.text(0.5, 0.5, "no data", ha="center", va="center",
+              transform=ax.transAxes)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  out_path = os.fspath(out_path)
+  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+  fig.savefig(out_path, dpi=100)
+  plt.close(fig)
+  return out_path
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+  parser = argparse.ArgumentParser(
+      prog="python -m ald_jax.plot",
+      description="Plot return/success vs env steps and wall-clock for runs.")
+  parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+  parser.add_argument("--out", default=None,
+                      help=f"output PNG (default: RUN_DIR/{DEFAULT_NAME} for "
+                           f"one run, ./{DEFAULT_NAME} for several)")
+  parser.add_argument("--title", default=None)
+  args = parser.parse_args(argv)
+  out = args.out
+  if out is None:
+    out = (os.path.join(args.run_dirs[0], DEFAULT_NAME)
+           if len(args.run_dirs) == 1 else DEFAULT_NAME)
+  path = plot_runs(args.run_dirs, out, title=args.title)
+  print(path)
+  return path
+
+
+if __name__ == "__main__":
+  main()

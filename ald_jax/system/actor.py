@@ -1,0 +1,493 @@
+"""Actor threads: pinned CPU acting, unroll building, T_actor measurement.
+
+One `ActorThread` owns E environments (a batched env built *inside* the
+thread, so construction errors take the same error path as stepping errors),
+pins itself to its core set, runs the jitted actor step on the CPU device and
+pushes unrolls (`types.Batch` with leading dimension E) into a bounded queue.
+
+Unroll layout (types.py): each row holds C context steps, T unroll steps and
+one bootstrap step. Unroll k of a stream covers stream steps
+[k*T - C, k*T + T]; consecutive unrolls overlap, the bootstrap step of unroll k
+being the first unroll step of unroll k+1. Context steps before the stream's
+first step are zeros with step_type MID. `actor_state` is the actor's recorded
+recurrent state *before* unroll step 0 (stream step k*T).
+
+Parameters are refreshed at unroll boundaries, before acting on the shared
+step that is the bootstrap step of unroll k and step 0 of unroll k+1: all T
+loss-covered steps of an unroll are acted with one parameter version (only
+the bootstrap step's action, which no loss uses, comes from the next). The
+behaviour logits record what was used either way. Version lag, reported per
+unroll when it is pushed, is the learner's latest version minus the version
+the unroll was acted with.
+
+Pinning: `os.sched_setaffinity(0, cores)` pins the calling thread on Linux.
+JAX's CPU client dispatches asynchronously by default, so the actual compute
+would run on JAX's own (unpinned) threads; with
+`jax.config.update("jax_cpu_enable_async_dispatch", False)` (set process-wide
+by the run module, never here) the call runs on the calling thread and
+pinning the thread pins the work. Large ops may still use XLA's intra-op
+thread pool; a small LSTM step does not.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+import queue as queue_lib
+from typing import Any, Callable, Collection, NamedTuple, Sequence
+
+from absl import logging
+import chex
+import jax
+import numpy as np
+
+from ald_jax import types
+from ald_jax.system import params as params_lib
+from ald_jax.system import queue as queue_utils
+from ald_jax.system import timing
+
+Params = Any
+
+
+class Episode(NamedTuple):
+  """A finished episode as reported by the batched environment."""
+  episode_return: float
+  success: float  # NaN when the environment does not report success
+  length: int
+
+
+class ActorStats(NamedTuple):
+  """A snapshot of one actor's counters (read from any thread)."""
+  actor_id: int
+  env_steps: int        # environment transitions (E per actor step)
+  actor_steps: int      # jitted actor calls
+  unrolls: int          # unrolls pushed to the queue
+  episodes: int         # finished episodes seen
+  active_s: float       # acting time: loop time minus the waits below
+  wait_queue_s: float   # blocked on a full unroll queue
+  wait_params_s: float  # waiting for / transferring parameters
+  params_version: int   # version used for the latest unroll
+  version_lag: int      # learner version - used version at the latest unroll
+  max_version_lag: int
+  mean_version_lag: float
+  affinity: frozenset[int] | None
+
+  @property
+  def actor_sps(self) -> float:
+    """Env steps per second of acting time (waits excluded)."""
+    return self.env_steps / self.active_s if self.active_s > 0 else 0.0
+
+
+class CoreAssignment(NamedTuple):
+  actors: list[frozenset[int] | None]  # per actor; None: do not pin
+  learner: frozenset[int] | None       # cores left for the learner thread
+  shared: bool                         # some actors share a core
+
+
+def available_cores() -> list[int] | None:
+  """Cores this process may run on, or None where affinity is unsupported."""
+  if not hasattr(os, "sched_getaffinity"):
+    return None
+  return sorted(os.sched_getaffinity(0))
+
+
+def assign_cores(num_actors: int, reserve_for_learner: int = 1,
+                 cores: Sequence[int] | None = None) -> CoreAssignment:
+  """Spreads actors over the process's cores, keeping some for the learner.
+
+  The first `reserve_for_learner` cores go to the learner (never all of them:
+  at least one core is left for actors). The remaining cores are split into
+  `num_actors` contiguous groups when there are enough; otherwise actor i gets
+  core `pool[i % len(pool)]` and actors share cores (`shared=True`). On a
+  2-core box with 2 actors and 1 reserved core both actors share core 1 and
+  the learner has core 0; with `reserve_for_learner=0` each actor gets its own
+  core and the learner (unpinned) competes with both.
+  """
+  if num_actors <= 0:
+    raise ValueError(f"num_actors must be > 0, got {num_actors}")
+  if reserve_for_learner < 0:
+    raise ValueError(f"reserve_for_learner must be >= 0, got "
+                     f"{reserve_for_learner}")
+  cores = available_cores() if cores is None else sorted(cores)
+  if cores is None:
+    return CoreAssignment([None] * num_actors, None, False)
+  if not cores:
+    raise ValueError("no cores to assign")
+  reserve = min(reserve_for_learner, len(cores) - 1)
+  learner = frozenset(cores[:reserve]) if reserve else frozenset(cores)
+  pool = cores[reserve:]
+  if len(pool) >= num_actors:
+    groups = np.array_split(np.asarray(pool), num_actors)
+    actors = [frozenset(int(c) for c in group) for group in groups]
+    return CoreAssignment(actors, learner, False)
+  actors = [frozenset({pool[i % len(pool)]}) for i in range(num_actors)]
+  return CoreAssignment(actors, learner, True)
+
+
+def pin_current_thread(cores: Collection[int] | None) -> frozenset[int] | None:
+  """Pins the calling thread (Linux) and returns the affinity it now has.
+
+  Returns None when `cores` is None or the platform has no affinity API (a
+  note is logged). Threads started afterwards inherit the affinity.
+  """
+  if cores is None:
+    return None
+  if not hasattr(os, "sched_setaffinity"):
+    logging.info("os.sched_setaffinity is unavailable on this platform; "
+                 "thread %s is not pinned.", threading.current_thread().name)
+    return None
+  os.sched_setaffinity(0, set(cores))  # pid 0: the calling thread
+  return frozenset(os.sched_getaffinity(0))
+
+
+def make_act_fn(core_step: Callable[..., Any]) -> Callable[..., Any]:
+  """Jitted acting step: splits the key inside the same call.
+
+  act(params, observation, step_type, state, key)
+    -> (action [E] int32, logits [E, A], new_state, next_key)
+  One jitted call per step (a separate `jax.random.split` dispatch would cost
+  about as much as a small LSTM step).
+  """
+  def act(params, observation, step_type, state, key):
+    key, step_key = jax.random.split(key)
+    action, logits, new_state = core_step(params, observation, step_type,
+                                          state, step_key)
+    return action, logits, new_state, key
+  return jax.jit(act)
+
+
+def _cpu_device() -> jax.Device:
+  return jax.devices("cpu")[0]
+
+
+class _Window:
+  """Numpy ring of the last C+T+1 steps of E streams (the next unroll)."""
+
+  def __init__(self, num_envs: int, context: int, unroll: int,
+               observation: np.ndarray, logits: np.ndarray):
+    e, length = num_envs, context + unroll + 1
+    self.context, self.unroll = context, unroll
+    # Zeros with step_type MID: the padding before a stream starts.
+    self.observation = np.zeros((e, length, *observation.shape[1:]),
+                                np.float32)
+    self.action = np.zeros((e, length), np.int32)
+    self.reward = np.zeros((e, length), np.float32)
+    self.discount = np.zeros((e, length), np.float32)
+    self.step_type = np.full((e, length), types.MID, np.int32)
+    self.behaviour_logits = np.zeros((e, length, logits.shape[-1]), np.float32)
+
+  def write(self, j: int, timestep: Any, action: np.ndarray,
+            logits: np.ndarray) -> None:
+    """Writes unroll step j (0..T) for every env."""
+    t = self.context + j
+    self.observation[:, t] = timestep.observation
+    self.reward[:, t] = timestep.reward
+    self.discount[:, t] = timestep.discount
+    self.step_type[:, t] = timestep.step_type
+    self.action[:, t] = action
+    self.behaviour_logits[:, t] = logits
+
+  def emit(self, actor_state: Any) -> types.Batch:
+    return types.Batch(
+        observation=self.observation.copy(), action=self.action.copy(),
+        reward=self.reward.copy(), discount=self.discount.copy(),
+        step_type=self.step_type.copy(),
+        behaviour_logits=self.behaviour_logits.copy(),
+        actor_state=actor_state)
+
+  def shift(self) -> None:
+    """Keeps the last C+1 steps as the next unroll's context + step 0."""
+    for array in (self.observation, self.action, self.reward, self.discount,
+                  self.step_type, self.behaviour_logits):
+      array[:, :self.context + 1] = array[:, self.unroll:].copy()
+
+
+class ActorThread(threading.Thread):
+  """One actor: E envs, jitted CPU acting, unrolls into a bounded queue.
+
+  Args:
+    actor_id: index used in names, logs and errors.
+    make_env: zero-argument callable returning a batched env (BatchedEnv
+      interface: reset(), step(actions), close(), num_envs); called inside
+      the thread.
+    core: ActorCore (initial_state, step, recorded_state).
+    params_slot: where the learner publishes actor parameters.
+    unroll_queue: bounded queue receiving `types.Batch` unrolls [E, C+T+1].
+    stop_event: shared; set by anyone to stop, set by this thread on error.
+    errors: shared ErrorHolder receiving this thread's exception.
+    unroll_length: T. context_length: C.
+    seed: seeds this actor's action-sampling key.
+    cores: core set to pin to (None: no pinning).
+    t_actor_budget_ms: budget for the overrun count (None: no budget).
+    params_timeout_s: how long to wait for the first parameters.
+  """
+
+  def __init__(self, actor_id: int, make_env: Callable[[], Any], core: Any,
+               params_slot: params_lib.ParamsSlot,
+               unroll_queue: queue_lib.Queue, stop_event: threading.Event,
+               errors: queue_utils.ErrorHolder, *, unroll_length: int,
+               context_length: int, seed: int,
+               cores: Collection[int] | None = None,
+               t_actor_budget_ms: float | None = None,
+               params_timeout_s: float = 600.0, poll_s: float = 0.1,
+               latency_capacity: int = 1 << 16,
+               max_pending_episodes: int = 100_000):
+    super().__init__(name=f"actor-{actor_id}", daemon=True)
+    if unroll_length <= 0:
+      raise ValueError(f"unroll_length must be > 0, got {unroll_length}")
+    if context_length < 0:
+      raise ValueError(f"context_length must be >= 0, got {context_length}")
+    self.actor_id = actor_id
+    self._make_env = make_env
+    self._core = core
+    self._slot = params_slot
+    self._queue = unroll_queue
+    self._stop_event = stop_event
+    self._errors = errors
+    self._unroll = unroll_length
+    self._context = context_length
+    self._seed = seed
+    self.cores = None if cores is None else frozenset(cores)
+    self._params_timeout_s = params_timeout_s
+    self._poll_s = poll_s
+    self.latency = timing.LatencyRecorder(t_actor_budget_ms, latency_capacity)
+    # Finished episodes, drained by the reporting thread (deque ops are
+    # thread-safe; the bound caps memory if nobody drains).
+    self._episodes: collections.deque[Episode] = collections.deque(
+        maxlen=max_pending_episodes)
+    self.affinity: frozenset[int] | None = None  # as seen inside the thread
+    self.ready = threading.Event()  # set once acting has started
+    # Counters: written by this thread only.
+    self._env_steps = 0
+    self._actor_steps = 0
+    self._unrolls = 0
+    self._episodes_seen = 0
+    self._wait_queue_s = 0.0
+    self._wait_params_s = 0.0
+    self._loop_start: float | None = None
+    self._loop_end: float | None = None
+    self.first_params_wait_s = 0.0
+    self._params_version = 0   # latest version picked up
+    self._unroll_version = 0   # version the latest pushed unroll acted with
+    self._lag_last = 0
+    self._lag_max = 0
+    self._lag_sum = 0
+
+  # ---- read from other threads ----
+
+  def stats(self) -> ActorStats:
+    if self._loop_start is None:
+      active = 0.0
+    else:
+      end = (self._loop_end if self._loop_end is not None
+             else time.perf_counter())
+      active = max(0.0, end - self._loop_start - self._wait_queue_s
+                   - self._wait_params_s)
+    unrolls = self._unrolls
+    return ActorStats(
+        actor_id=self.actor_id, env_steps=self._env_steps,
+        actor_steps=self._actor_steps, unrolls=unrolls,
+        episodes=self._episodes_seen, active_s=active,
+        wait_queue_s=self._wait_queue_s, wait_params_s=self._wait_params_s,
+        params_version=self._unroll_version, version_lag=self._lag_last,
+        max_version_lag=self._lag_max,
+        mean_version_lag=self._lag_sum / unrolls if unrolls else 0.0,
+        affinity=self.affinity)
+
+  def drain_episodes(self) -> list[Episode]:
+    out = []
+    while True:
+      try:
+        out.append(self._episodes.popleft())
+      except IndexError:
+        return out
+
+  # ---- the thread ----
+
+  def run(self) -> None:
+    try:
+      # First: pin, so everything below (env, compilation) runs on our cores.
+      self.affinity = pin_current_thread(self.cores)
+      with jax.default_device(_cpu_device()):
+        self._act_loop()
+    except BaseException as error:  # pylint: disable=broad-except
+      logging.error("actor %d failed: %r", self.actor_id, error)
+      self._errors.record(error, f"actor {self.actor_id}")
+    finally:
+      if self._loop_start is not None:
+        self._loop_end = time.perf_counter()
+
+  def _refresh_params(self, params: Params, cpu: jax.Device) -> Params:
+    start = time.perf_counter()
+    newer = self._slot.get_if_newer(self._params_version)
+    if newer is not None:
+      self._params_version, params = newer
+      params = jax.device_put(params, cpu)
+    self._wait_params_s += time.perf_counter() - start
+    return params
+
+  def _push(self, unroll: types.Batch, unroll_version: int) -> bool:
+    # Lag of the version this unroll's steps were acted with.
+    lag = self._slot.version - unroll_version
+    self._unroll_version = unroll_version
+    self._lag_last = lag
+    self._lag_max = max(self._lag_max, lag)
+    self._lag_sum += lag
+    start = time.perf_counter()
+    pushed = queue_utils.put_until_stopped(self._queue, unroll,
+                                           self._stop_event, self._poll_s)
+    self._wait_queue_s += time.perf_counter() - start
+    if pushed:
+      self._unrolls += 1
+    return pushed
+
+  def _record_episodes(self, timestep: Any) -> None:
+    for i in np.flatnonzero(np.asarray(timestep.step_type) == types.LAST):
+      self._episodes.append(Episode(float(timestep.episode_return[i]),
+                                    float(timestep.episode_success[i]),
+                                    int(timestep.episode_length[i])))
+      self._episodes_seen += 1
+
+  def _act_loop(self) -> None:
+    cpu = _cpu_device()
+    env = self._make_env()
+    try:
+      self._act_with(env, cpu)
+    finally:
+      try:
+        env.close()
+      except Exception as error:  # pylint: disable=broad-except
+        logging.warning("actor %d: env.close() failed: %r", self.actor_id,
+                        error)
+
+  def _act_with(self, env: Any, cpu: jax.Device) -> None:
+    wait_start = time.perf_counter()
+    first = self._slot.wait_for_first(self._params_timeout_s,
+                                      self._stop_event, self._poll_s)
+    if first is None:
+      return  # stopped before any parameters arrived
+    self._params_version, params = first
+    params = jax.device_put(params, cpu)
+    first_wait_s = time.perf_counter() - wait_start
+
+    act = make_act_fn(self._core.step)
+    core = self._core
+    num_envs = env.num_envs
+    state = jax.device_put(core.initial_state(num_envs), cpu)
+    key = jax.device_put(jax.random.key(self._seed), cpu)
+    timestep = env.reset()
+    window = None
+    unroll_start_state, unroll_version = None, 0
+    j = 0  # index in the current unroll of the step about to be acted on
+    # Acting time starts after the first (compiling) call; the wait for the
+    # first parameters is kept apart (startup, not acting).
+    self.first_params_wait_s = first_wait_s
+
+    while not self._stop_event.is_set():
+      boundary = j == 0 or j == self._unroll
+      if boundary:
+        params = self._refresh_params(params, cpu)
+        boundary_version = self._params_version
+        boundary_state = jax.device_get(core.recorded_state(state))
+
+      start_ns = time.perf_counter_ns()
+      out = act(params, timestep.observation, timestep.step_type, state, key)
+      jax.block_until_ready(out)
+      duration_ns = time.perf_counter_ns() - start_ns
+      action, logits, state, key = out
+      action = np.asarray(action)
+      logits = np.asarray(logits)
+
+      if window is None:  # first call: compiled; not a T_actor sample
+        chex.assert_shape(action, (num_envs,))
+        chex.assert_rank(logits, 2)
+        window = _Window(num_envs, self._context, self._unroll,
+                         np.asarray(timestep.observation), logits)
+        self._loop_start = time.perf_counter()
+        self._wait_params_s = 0.0
+        self.ready.set()
+      else:
+        self.latency.record(duration_ns)
+      self._actor_steps += 1
+
+      window.write(j, timestep, action, logits)
+      if j == self._unroll:
+        if not self._push(window.emit(unroll_start_state), unroll_version):
+          return  # stopped while the queue was full
+        window.shift()
+      if boundary:
+        unroll_start_state, unroll_version = boundary_state, boundary_version
+        j = 1
+      else:
+        j += 1
+
+      timestep = env.step(action)
+      self._env_steps += num_envs
+      self._record_episodes(timestep)
+
+
+def calibrate_core(core: Any, params: Params, obs_shape: Sequence[int],
+                   num_envs: int, *, budget_ms: float | None,
+                   policy: str = "refuse", num_calls: int = 200,
+                   cores: Collection[int] | None = None,
+                   seed: int = 0) -> timing.LatencySummary:
+  """Calibrates the jitted actor step on dummy inputs, like an actor runs it.
+
+  Runs in a short-lived thread pinned to `cores` (an actor's core set) on the
+  CPU device, then applies `policy` (raises timing.TActorBudgetError for
+  "refuse" when p99 > budget).
+  """
+  result: dict[str, Any] = {}
+
+  def calibrate():
+    try:
+      pin_current_thread(cores)
+      cpu = _cpu_device()
+      with jax.default_device(cpu):
+        act = make_act_fn(core.step)
+        args = (jax.device_put(params, cpu),
+                np.zeros((num_envs, *obs_shape), np.float32),
+                np.full((num_envs,), types.MID, np.int32),
+                jax.device_put(core.initial_state(num_envs), cpu),
+                jax.device_put(jax.random.key(seed), cpu))
+        result["summary"] = timing.calibrate_actor_step(
+            act, args, num_calls=num_calls, budget_ms=budget_ms,
+            policy=policy)
+    except BaseException as error:  # pylint: disable=broad-except
+      result["error"] = error
+
+  thread = threading.Thread(target=calibrate, name="t-actor-calibration",
+                            daemon=True)
+  thread.start()
+  thread.join()
+  if "error" in result:
+    raise result["error"]
+  return result["summary"]
+
+
+def summarize_actors(actors: Sequence[ActorThread],
+                     per_actor: bool = False) -> dict[str, float]:
+  """Metric-row fields over all actors (see metrics.py for the key names).
+
+  `actor_sps` sums each actor's env steps per second of its own acting time
+  (actors act in parallel); T_actor fields merge every actor's recorder.
+  """
+  stats = [a.stats() for a in actors]
+  row: dict[str, float] = {
+      "env_steps": sum(s.env_steps for s in stats),
+      "actor_sps": sum(s.actor_sps for s in stats),
+      "unrolls": sum(s.unrolls for s in stats),
+      "version_lag": (float(np.mean([s.version_lag for s in stats]))
+                      if stats else 0.0),
+      "max_version_lag": max((s.max_version_lag for s in stats), default=0),
+      "actor_wait_queue_s": sum(s.wait_queue_s for s in stats),
+      "actor_wait_params_s": sum(s.wait_params_s for s in stats),
+      "actor_active_s": sum(s.active_s for s in stats),
+  }
+  row.update(timing.merge_latency(a.latency for a in actors).as_dict())
+  if per_actor:
+    for actor, s in zip(actors, stats):
+      row.update(actor.latency.summary().as_dict(f"actor{s.actor_id}_t_actor_"))
+      row[f"actor{s.actor_id}_sps"] = s.actor_sps
+  return row

@@ -1,0 +1,155 @@
+"""Unroll plumbing for the learner: stacking, fixed-size batching, replay.
+
+An *unroll* is a `Batch` (or any pytree of arrays) whose every leaf has the
+same leading dimension: one row per environment stream. Actors emit unrolls
+with E rows; the learner wants batches of exactly B rows, so `UnrollBatcher`
+re-cuts rows into B-sized batches and `ReplayBuffer` keeps recent rows for the
+distill-only steps. Everything here is numpy on the host.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+Tree = Any
+
+
+def _leading_dim(tree: Tree) -> int:
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    raise ValueError("an unroll must contain at least one array")
+  sizes = {np.shape(leaf)[0] for leaf in leaves}
+  if len(sizes) != 1:
+    raise ValueError(f"every leaf of an unroll must share the leading (row) "
+                     f"dimension, got sizes {sorted(sizes)}")
+  return sizes.pop()
+
+
+def num_rows(tree: Tree) -> int:
+  """The shared leading dimension of every leaf."""
+  return _leading_dim(tree)
+
+
+def stack_unrolls(unrolls: Sequence[Tree]) -> Tree:
+  """Concatenates unrolls along the row axis: [E1 + E2 + ..., ...]."""
+  if not unrolls:
+    raise ValueError("stack_unrolls needs at least one unroll")
+  for unroll in unrolls:
+    _leading_dim(unroll)
+  return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *unrolls)
+
+
+def slice_rows(tree: Tree, start: int, stop: int) -> Tree:
+  return jax.tree.map(lambda x: x[start:stop], tree)
+
+
+class UnrollBatcher:
+  """Accumulates unrolls and cuts them into batches of `batch_size` rows.
+
+  Leftover rows carry over to the next batch, in arrival order.
+  """
+
+  def __init__(self, batch_size: int):
+    if batch_size <= 0:
+      raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    self.batch_size = batch_size
+    self._pending: list[Tree] = []
+    self._rows = 0
+
+  @property
+  def pending_rows(self) -> int:
+    return self._rows
+
+  def add(self, unroll: Tree) -> None:
+    self._rows += _leading_dim(unroll)
+    self._pending.append(unroll)
+
+  def pop_batch(self) -> Tree | None:
+    """A batch of `batch_size` rows, or None while fewer rows are pending."""
+    if self._rows < self.batch_size:
+      return None
+    merged = (self._pending[0] if len(self._pending) == 1
+              else stack_unrolls(self._pending))
+    batch = slice_rows(merged, 0, self.batch_size)
+    rest = self._rows - self.batch_size
+    self._pending = ([slice_rows(merged, self.batch_size, self._rows)]
+                     if rest else [])
+    self._rows = rest
+    return batch
+
+
+class ReplayBuffer:
+  """Bounded FIFO of the most recent rows, with seeded uniform sampling.
+
+  Storage is preallocated on the first `add` (the row structure is fixed from
+  then on) as a ring of `capacity` rows; adding past capacity overwrites the
+  oldest rows.
+  """
+
+  def __init__(self, capacity: int, seed: int = 0):
+    if capacity <= 0:
+      raise ValueError(f"replay capacity must be > 0 rows, got {capacity}")
+    self.capacity = capacity
+    self._rng = np.random.default_rng(seed)
+    self._storage: Tree | None = None
+    self._next = 0     # ring position of the next write
+    self._size = 0
+    self.rows_added = 0
+
+  def __len__(self) -> int:
+    return self._size
+
+  def add(self, unroll: Tree) -> None:
+    """Adds every row of `unroll` (leaves [n, ...])."""
+    n = _leading_dim(unroll)
+    if self._storage is None:
+      self._storage = jax.tree.map(
+          lambda x: np.zeros((self.capacity, *np.shape(x)[1:]),
+                             np.asarray(x).dtype), unroll)
+    elif (jax.tree.structure(unroll) != jax.tree.structure(self._storage)):
+      raise ValueError("unroll structure differs from the replay's rows")
+    if n > self.capacity:  # only the newest `capacity` rows survive anyway
+      unroll = slice_rows(unroll, n - self.capacity, n)
+      n = self.capacity
+    positions = (self._next + np.arange(n)) % self.capacity
+
+    def write(store, x):
+      store[positions] = x
+    jax.tree.map(write, self._storage, unroll)
+    self._next = int((self._next + n) % self.capacity)
+    self._size = min(self._size + n, self.capacity)
+    self.rows_added += n
+
+  def sample(self, batch_size: int) -> Tree:
+    """`batch_size` rows drawn uniformly with replacement (seeded)."""
+    if self._size == 0:
+      raise ValueError("cannot sample from an empty replay buffer")
+    indices = self._rng.integers(0, self._size, size=batch_size)
+    # Ring positions [0, size) are all valid: until the ring is full, writes
+    # fill positions 0..size-1 in order.
+    return jax.tree.map(lambda x: x[indices], self._storage)
+
+
+class DistillSchedule:
+  """Turns a float ratio of distill-only steps per RL step into whole steps.
+
+  A running credit accumulates `ratio` per RL step; each call returns the
+  whole steps now due. Over n RL steps exactly floor(n * ratio) distill steps
+  run (up to float rounding), e.g. 0.5 -> 0, 1, 0, 1, ...; 4 -> 4, 4, ...
+  """
+
+  def __init__(self, ratio: float):
+    if not ratio >= 0:
+      raise ValueError(f"distill_steps_per_rl_step must be >= 0, got {ratio!r}")
+    self.ratio = float(ratio)
+    self._credit = 0.0
+
+  def steps_due(self) -> int:
+    """Call once per RL step; returns the distill-only steps to run now."""
+    self._credit += self.ratio
+    # A small epsilon absorbs float error (0.1 * 10 must give 1, not 0).
+    due = int(np.floor(self._credit + 1e-9))
+    self._credit -= due
+    return due

@@ -1,0 +1,90 @@
+"""MetricsWriter (JSONL/CSV, resume), episode window, progress line."""
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from ald_jax import metrics
+
+
+def _rows(n, start=0):
+  return [{"env_steps": 100 * (i + 1), "episode_return": 0.5 * i,
+           "success_rate": float("nan") if i == 0 else 0.25 * i,
+           "agent": "ald"} for i in range(start, start + n)]
+
+
+def test_writer_writes_both_formats(tmp_path):
+  with metrics.MetricsWriter(tmp_path) as writer:
+    for row in _rows(3):
+      writer.write(row)
+  jsonl = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [r["env_steps"] for r in jsonl] == [100, 200, 300]
+  assert jsonl[0]["success_rate"] is None  # NaN -> null
+  assert jsonl[2]["success_rate"] == 0.5
+  with open(tmp_path / "metrics.csv", newline="") as f:
+    csv_rows = list(csv.DictReader(f))
+  assert csv_rows[1] == {"env_steps": "200", "episode_return": "0.5",
+                         "success_rate": "0.25", "agent": "ald"}
+  assert csv_rows[0]["success_rate"] == ""
+  parsed = metrics.read_metrics(tmp_path / "metrics.csv")
+  assert parsed[2]["env_steps"] == 300 and parsed[0]["success_rate"] is None
+  assert metrics.read_metrics(tmp_path) == jsonl  # run dir: JSONL preferred
+
+
+def test_resume_appends_and_drops_rows_after_the_checkpoint(tmp_path):
+  with metrics.MetricsWriter(tmp_path) as writer:
+    for row in _rows(4):
+      writer.write(row)
+  # The checkpoint was at env step 200: rows 300 and 400 are re-run.
+  with metrics.MetricsWriter(tmp_path, resume=True,
+                             keep_until=("env_steps", 200)) as writer:
+    for row in _rows(2, start=2):
+      writer.write(row)
+  for name in ("metrics.jsonl", "metrics.csv"):
+    rows = metrics.read_metrics(tmp_path / name)
+    assert [r["env_steps"] for r in rows] == [100, 200, 300, 400], name
+  # A fresh (non-resume) writer starts over.
+  with metrics.MetricsWriter(tmp_path, formats=("jsonl",)) as writer:
+    writer.write({"env_steps": 1})
+  assert metrics.read_metrics(tmp_path) == [{"env_steps": 1}]
+
+
+def test_csv_header_widens_for_new_keys(tmp_path):
+  with metrics.MetricsWriter(tmp_path, formats=("csv",)) as writer:
+    writer.write({"a": 1})
+    writer.write({"a": 2, "b": np.float32(3.0)})
+  rows = metrics.read_metrics(tmp_path / "metrics.csv")
+  assert rows == [{"a": 1, "b": None}, {"a": 2, "b": 3.0}]
+  with pytest.raises(ValueError, match="formats"):
+    metrics.MetricsWriter(tmp_path, formats=("xml",))
+
+
+def test_episode_window():
+  window = metrics.EpisodeWindow(size=3)
+  assert math.isnan(window.summary()["episode_return"])
+  window.extend([(1.0, 1.0, 5), (2.0, float("nan"), 6), (3.0, 0.0, 7),
+                 (4.0, 1.0, 8)])
+  s = window.summary()
+  assert s["episode_return"] == 3.0        # mean of 2, 3, 4
+  assert s["success_rate"] == 0.5          # 0 and 1; NaN not counted
+  assert s["episode_length"] == 7.0 and s["episodes_total"] == 4
+  no_success = metrics.EpisodeWindow(2)
+  no_success.add(1.0)
+  assert math.isnan(no_success.summary()["success_rate"])
+
+
+def test_progress_line():
+  row = {"wall_time_s": 12.34, "env_steps": 1_234_567, "env_sps": 4567.4,
+         "episode_return": 0.4567, "success_rate": 0.75,
+         "t_actor_p50_us": 25.2, "t_actor_p99_us": 74.0,
+         "t_actor_over_budget": 3, "learner_steps": 120, "queue_size": 3,
+         "queue_capacity": 8, "version_lag": 1.5}
+  line = metrics.format_progress(row)
+  for part in ("12.3s", "steps 1.23M", "sps 4567", "return 0.457",
+               "success 75.0%", "T_actor p50 25us p99 74us over 3",
+               "learner 120", "queue 3/8", "lag 1.5"):
+    assert part in line, (part, line)
+  sparse = metrics.format_progress({"env_steps": 10, "success_rate": None})
+  assert "steps 10" in sparse and "success -" in sparse and "sps -" in sparse

@@ -1,0 +1,104 @@
+"""LatencyRecorder percentiles/budget, PhaseTimer, T_actor calibration."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ald_jax.system import timing
+
+
+def _record_us(recorder, values_us):
+  for v in values_us:
+    recorder.record(int(v * 1000))
+
+
+def test_percentiles_and_budget_count_on_known_data():
+  recorder = timing.LatencyRecorder(budget_ms=0.0905)  # 90.5 us
+  _record_us(recorder, np.random.default_rng(0).permutation(np.arange(1, 101)))
+  s = recorder.summary()
+  # numpy's linear interpolation on 1..100: rank q/100 * 99.
+  assert s.count == 100 and s.window == 100
+  assert s.p50_us == pytest.approx(50.5)
+  assert s.p90_us == pytest.approx(90.1)
+  assert s.p99_us == pytest.approx(99.01)
+  assert s.max_us == 100.0 and s.mean_us == pytest.approx(50.5)
+  assert s.over_budget == 10  # 91..100 us
+  row = s.as_dict()
+  assert row["t_actor_p99_us"] == s.p99_us and row["t_actor_over_budget"] == 10
+
+
+def test_ring_window_keeps_recent_but_counts_all():
+  recorder = timing.LatencyRecorder(budget_ms=0.020, capacity=10)
+  _record_us(recorder, range(1, 26))
+  s = recorder.summary()
+  assert s.count == 25 and s.window == 10
+  np.testing.assert_array_equal(np.sort(recorder.values_ns()),
+                                np.arange(16, 26) * 1000)
+  assert s.p50_us == pytest.approx(20.5)
+  assert s.max_us == 25.0 and s.over_budget == 5  # 21..25 us
+
+
+def test_no_budget_and_empty():
+  recorder = timing.LatencyRecorder()
+  s = recorder.summary()
+  assert s.count == 0 and np.isnan(s.p50_us)
+  _record_us(recorder, [1e6])
+  assert recorder.summary().over_budget == 0
+
+
+def test_merge_latency_across_actors():
+  a = timing.LatencyRecorder(budget_ms=0.05)
+  b = timing.LatencyRecorder(budget_ms=0.05)
+  _record_us(a, range(1, 51))
+  _record_us(b, range(51, 101))
+  merged = timing.merge_latency([a, b])
+  assert merged.count == 100 and merged.window == 100
+  assert merged.p50_us == pytest.approx(50.5)
+  assert merged.max_us == 100.0 and merged.over_budget == 50
+
+
+def test_phase_timer():
+  timer = timing.PhaseTimer()
+  timer.add("step", 0.25)
+  timer.add("step", 0.5)
+  timer.add("wait_batch", 1.0)
+  with timer.phase("publish"):
+    pass
+  assert timer.totals()["step"] == 0.75
+  assert timer.counts() == {"step": 2, "wait_batch": 1, "publish": 1}
+  summary = timer.summary()
+  assert summary["time_step_s"] == 0.75
+  # Fractions share one elapsed time, so their ratio is exact.
+  assert summary["frac_step"] / summary["frac_wait_batch"] == pytest.approx(
+      0.75)
+  timer.reset()
+  assert timer.totals() == {}
+
+
+def _step(x):
+  return jnp.tanh(x) * 2.0
+
+
+def test_calibration_refuses_with_both_numbers():
+  with pytest.raises(timing.TActorBudgetError) as info:
+    timing.calibrate_actor_step(_step, (jnp.ones(8),), num_calls=20,
+                                budget_ms=1e-4, policy="refuse")
+  err = info.value
+  assert err.budget_ms == 1e-4 and err.p99_ms > 1e-4
+  assert f"measured p99 is {err.p99_ms:.4g} ms" in str(err)
+  assert "budget of 0.0001 ms" in str(err)
+
+
+def test_calibration_warns_or_passes(monkeypatch):
+  warnings = []
+  monkeypatch.setattr(timing.logging, "warning",
+                      lambda fmt, *a: warnings.append(fmt % a))
+  s = timing.calibrate_actor_step(_step, (jnp.ones(8),), num_calls=10,
+                                  budget_ms=1e-4, policy="warn")
+  assert s.window == 10 and len(warnings) == 1
+  assert "T_actor budget exceeded" in warnings[0]
+  s = timing.calibrate_actor_step(_step, (jnp.ones(8),), num_calls=10,
+                                  budget_ms=1e4, policy="refuse")
+  assert s.over_budget == 0 and len(warnings) == 1
+  with pytest.raises(ValueError, match="t_actor_policy"):
+    timing.calibrate_actor_step(_step, (jnp.ones(8),), budget_ms=1.0,
+                                policy="ignore")
