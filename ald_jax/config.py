@@ -221,3 +221,72 @@ class LearnerConfig:
 def replace(config, **changes):
   """`dataclasses.replace` that re-validates (frozen configs validate on init)."""
   return dataclasses.replace(config, **changes)
+
+
+T_ACTOR_POLICIES = ("refuse", "warn")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """A whole ALD run: environment, learner, actors, budget and logging."""
+  env: str = "imaze"
+  env_kwargs: tuple[tuple[str, Any], ...] = ()   # (name, value) pairs
+  learner: LearnerConfig = LearnerConfig()
+  num_actors: int = 2
+  envs_per_actor: int = 8
+  total_env_steps: int = 1_000_000
+  distill_steps_per_rl_step: float = 1.0
+  replay_capacity: int = 256          # unroll rows kept for distill-only steps
+  queue_capacity: int = 8             # unrolls in flight between actors and learner
+  t_actor_budget_ms: float = 10.0
+  t_actor_policy: str = "refuse"
+  calibration_steps: int = 200
+  seed: int = 0
+  logdir: str = "runs/default"
+  report_interval_s: float = 5.0
+  checkpoint_interval_s: float = 300.0
+  keep_checkpoints: int = 3
+  resume: bool = False
+  max_consecutive_nonfinite: int = 10
+  max_wall_time_s: float = 0.0        # 0: no wall-clock limit
+
+  def __post_init__(self):
+    _require(isinstance(self.env, str) and self.env != "", "env",
+             f"must be a non-empty environment name, got {self.env!r}")
+    _require(isinstance(self.env_kwargs, tuple) and all(
+        isinstance(kv, tuple) and len(kv) == 2 and isinstance(kv[0], str)
+        for kv in self.env_kwargs), "env_kwargs",
+             "must be a tuple of (name, value) pairs")
+    _require(isinstance(self.learner, LearnerConfig), "learner",
+             "must be a LearnerConfig")
+    _positive_int(self.num_actors, "num_actors")
+    _positive_int(self.envs_per_actor, "envs_per_actor")
+    _positive_int(self.total_env_steps, "total_env_steps")
+    _non_negative(self.distill_steps_per_rl_step, "distill_steps_per_rl_step")
+    _require(self.distill_steps_per_rl_step == 0 or self.learner.agent == "ald",
+             "distill_steps_per_rl_step",
+             f"must be 0 for agent {self.learner.agent!r} (only 'ald' has a "
+             "separate actor to distill into)")
+    _positive_int(self.replay_capacity, "replay_capacity")
+    _positive_int(self.queue_capacity, "queue_capacity")
+    _positive(self.t_actor_budget_ms, "t_actor_budget_ms")
+    _require(self.t_actor_policy in T_ACTOR_POLICIES, "t_actor_policy",
+             f"must be one of {T_ACTOR_POLICIES}, got {self.t_actor_policy!r}")
+    _positive_int(self.calibration_steps, "calibration_steps")
+    _require(isinstance(self.seed, int) and self.seed >= 0, "seed",
+             f"must be an integer >= 0, got {self.seed!r}")
+    _require(isinstance(self.logdir, str) and self.logdir != "", "logdir",
+             "must be a non-empty path")
+    _positive(self.report_interval_s, "report_interval_s")
+    _positive(self.checkpoint_interval_s, "checkpoint_interval_s")
+    _positive_int(self.keep_checkpoints, "keep_checkpoints")
+    _positive_int(self.max_consecutive_nonfinite, "max_consecutive_nonfinite")
+    _non_negative(self.max_wall_time_s, "max_wall_time_s")
+
+  @property
+  def env_kwargs_dict(self) -> dict[str, Any]:
+    return dict(self.env_kwargs)
+
+  def to_dict(self) -> dict[str, Any]:
+    """JSON-able form (the resolved config written to the run directory)."""
+    return dataclasses.asdict(self)

@@ -101,6 +101,11 @@ class ReplayBuffer:
   def __len__(self) -> int:
     return self._size
 
+  @property
+  def rng(self) -> np.random.Generator:
+    """The sampling generator (its bit_generator.state is checkpointed)."""
+    return self._rng
+
   def add(self, unroll: Tree) -> None:
     """Adds every row of `unroll` (leaves [n, ...])."""
     n = _leading_dim(unroll)

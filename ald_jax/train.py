@@ -1,0 +1,285 @@
+"""Command line and Python entry point of an ALD run.
+
+    python -m ald_jax.train --agent=ald --env=imaze --total_env_steps=200000
+
+From Python, `ald_jax.train(config, env_factory=None)` (this module is
+callable) runs a `TrainConfig` with any `(seed) -> dm_env.Environment`
+factory, e.g. from `ald_jax.envs.registry` or the gymnasium adapter.
+
+Every flag maps to one config field; flags are validated into a
+`TrainConfig` before anything starts, and a bad value fails with the flag's
+name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types as pytypes
+from typing import Any, Callable, NamedTuple
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from ald_jax import config as config_lib
+
+
+class _Flag(NamedTuple):
+  name: str        # the command-line flag
+  path: str        # dotted TrainConfig field
+  kind: str        # int, float, bool, str, ints, enum
+  help: str
+  choices: tuple[str, ...] = ()
+
+
+_DEFAULT = config_lib.TrainConfig()
+
+# One table: flag <-> config field. Defaults come from the config dataclasses.
+FLAG_TABLE = (
+    _Flag("env", "env", "str", "Environment name from the registry."),
+    _Flag("env_kwargs", "env_kwargs", "str",
+          'Environment keyword arguments as JSON, e.g. \'{"corridor_length": 8}\'.'),
+    _Flag("agent", "learner.agent", "enum",
+          "ald: GTrXL learns, LSTM acts; lstm: LSTM learns and acts; "
+          "transformer: GTrXL learns and acts; asymmetric: LSTM policy with a "
+          "GTrXL critic.", config_lib.AGENTS),
+    _Flag("rl_loss", "learner.rl_loss", "enum", "The learner's RL loss.",
+          config_lib.RL_LOSSES),
+    _Flag("discount", "learner.discount", "float", "Discount gamma."),
+    _Flag("unroll_length", "learner.unroll_length", "int",
+          "T: steps per unroll covered by the losses."),
+    _Flag("learner_context", "learner.learner_context", "int",
+          "C: earlier steps of the stream given to the transformer as memory."),
+    _Flag("batch_size", "learner.batch_size", "int", "Unrolls per learner batch."),
+    _Flag("torso_mlp_sizes", "learner.torso.mlp_sizes", "ints",
+          "Torso MLP sizes, comma separated."),
+    _Flag("torso_conv_channels", "learner.torso.conv_channels", "ints",
+          "Torso conv channels for grid observations, comma separated."),
+    _Flag("lstm_hidden_size", "learner.lstm.hidden_size", "int",
+          "LSTM hidden size (the actor)."),
+    _Flag("gtrxl_num_layers", "learner.gtrxl.num_layers", "int", "GTrXL blocks."),
+    _Flag("gtrxl_d_model", "learner.gtrxl.d_model", "int", "GTrXL width."),
+    _Flag("gtrxl_num_heads", "learner.gtrxl.num_heads", "int",
+          "GTrXL attention heads."),
+    _Flag("gtrxl_mlp_size", "learner.gtrxl.mlp_size", "int",
+          "GTrXL position-wise MLP size."),
+    _Flag("gtrxl_memory_length", "learner.gtrxl.memory_length", "int",
+          "GTrXL attention span / acting K-V cache length."),
+    _Flag("vmpo_top_k_fraction", "learner.vmpo.top_k_fraction", "float",
+          "V-MPO: fraction of advantages kept by the E-step."),
+    _Flag("vmpo_epsilon_eta", "learner.vmpo.epsilon_eta", "float",
+          "V-MPO: temperature constraint."),
+    _Flag("vmpo_epsilon_alpha", "learner.vmpo.epsilon_alpha", "float",
+          "V-MPO: KL trust-region bound."),
+    _Flag("vmpo_target_update_period", "learner.vmpo.target_update_period",
+          "int", "V-MPO: learner steps between target refreshes."),
+    _Flag("vtrace_entropy_cost", "learner.vtrace.entropy_cost", "float",
+          "V-trace: entropy bonus."),
+    _Flag("vtrace_baseline_cost", "learner.vtrace.baseline_cost", "float",
+          "V-trace: value loss weight."),
+    _Flag("distill_policy_cost", "learner.distill.policy_cost", "float",
+          "alpha_pi: weight of KL(sg[pi_L] || pi_A)."),
+    _Flag("distill_value_cost", "learner.distill.value_cost", "float",
+          "alpha_V: weight of 1/2 (sg[V_L] - V_A)^2."),
+    _Flag("learner_pull_cost", "learner.distill.learner_pull_cost", "float",
+          "beta: weight of KL(sg[pi_A] || pi_L) on the learner."),
+    _Flag("learner_lr", "learner.learner_optimizer.learning_rate", "float",
+          "Learner Adam learning rate."),
+    _Flag("actor_lr", "learner.actor_optimizer.learning_rate", "float",
+          "Actor (distillation) Adam learning rate."),
+    _Flag("max_grad_norm", "learner.learner_optimizer.max_grad_norm", "float",
+          "Global gradient-norm clip (learner and actor)."),
+    _Flag("num_actors", "num_actors", "int", "Actor threads."),
+    _Flag("envs_per_actor", "envs_per_actor", "int",
+          "E: environments stepped together by one actor thread."),
+    _Flag("total_env_steps", "total_env_steps", "int",
+          "Stop after this many environment steps."),
+    _Flag("distill_steps_per_rl_step", "distill_steps_per_rl_step", "float",
+          "Extra distill-only actor steps per RL step (0, 0.5, 1, 4, ...); "
+          "default 1 for ald, 0 otherwise."),
+    _Flag("replay_capacity", "replay_capacity", "int",
+          "Unroll rows kept for distill-only steps."),
+    _Flag("queue_capacity", "queue_capacity", "int",
+          "Unrolls in flight between actors and the learner."),
+    _Flag("t_actor_budget_ms", "t_actor_budget_ms", "float",
+          "Per-step acting latency budget T_actor, in ms."),
+    _Flag("t_actor_policy", "t_actor_policy", "enum",
+          "What calibration does when p99 exceeds the budget.",
+          config_lib.T_ACTOR_POLICIES),
+    _Flag("seed", "seed", "int", "Random seed."),
+    _Flag("logdir", "logdir", "str", "Run directory (config, metrics, "
+          "checkpoints, plots)."),
+    _Flag("report_interval_s", "report_interval_s", "float",
+          "Seconds between progress lines / metric rows."),
+    _Flag("checkpoint_interval_s", "checkpoint_interval_s", "float",
+          "Seconds between checkpoints."),
+    _Flag("keep_checkpoints", "keep_checkpoints", "int",
+          "Checkpoints kept (the newest)."),
+    _Flag("resume", "resume", "bool", "Continue from the newest checkpoint "
+          "in --logdir."),
+    _Flag("max_consecutive_nonfinite", "max_consecutive_nonfinite", "int",
+          "Stop after this many NaN/inf updates in a row (each is skipped)."),
+    _Flag("max_wall_time_s", "max_wall_time_s", "float",
+          "Stop after this many seconds (0: no limit)."),
+)
+_BY_PATH = {f.path: f for f in FLAG_TABLE}
+
+
+def _get_path(obj: Any, path: str) -> Any:
+  for part in path.split("."):
+    obj = getattr(obj, part)
+  return obj
+
+
+def _default(flag: _Flag) -> Any:
+  if flag.name == "distill_steps_per_rl_step":
+    return None  # resolved per agent
+  if flag.name == "env_kwargs":
+    return "{}"
+  value = _get_path(_DEFAULT, flag.path)
+  if flag.kind == "ints":
+    return ",".join(str(v) for v in value)
+  return value
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines every run flag (idempotent per FlagValues)."""
+  for flag in FLAG_TABLE:
+    if flag.name in flag_values:
+      continue
+    default = _default(flag)
+    if flag.kind == "enum":
+      flags.DEFINE_enum(flag.name, default, list(flag.choices), flag.help,
+                        flag_values=flag_values)
+    elif flag.kind == "bool":
+      flags.DEFINE_bool(flag.name, default, flag.help, flag_values=flag_values)
+    elif flag.kind == "float" and default is None:
+      flags.DEFINE_float(flag.name, None, flag.help, flag_values=flag_values)
+    else:
+      define = {"int": flags.DEFINE_integer, "float": flags.DEFINE_float,
+                "str": flags.DEFINE_string, "ints": flags.DEFINE_string}
+      define[flag.kind](flag.name, default, flag.help, flag_values=flag_values)
+
+
+def _set_path(tree: dict, path: str, value: Any) -> None:
+  parts = path.split(".")
+  for part in parts[:-1]:
+    tree = tree.setdefault(part, {})
+  tree[parts[-1]] = value
+
+
+def _parse_value(flag: _Flag, raw: Any) -> Any:
+  if flag.kind == "ints":
+    try:
+      return tuple(int(v) for v in str(raw).split(",") if v.strip())
+    except ValueError:
+      raise config_lib.ConfigError(
+          f"{flag.path}: expected comma-separated integers, got {raw!r}"
+      ) from None
+  if flag.name == "env_kwargs":
+    try:
+      kwargs = json.loads(raw) if raw else {}
+    except json.JSONDecodeError as error:
+      raise config_lib.ConfigError(
+          f"env_kwargs: not valid JSON ({error}): {raw!r}") from None
+    if not isinstance(kwargs, dict):
+      raise config_lib.ConfigError(
+          f"env_kwargs: must be a JSON object, got {raw!r}")
+    return tuple(sorted(kwargs.items()))
+  return raw
+
+
+def _build(cls, values: dict) -> Any:
+  """Builds a (nested) config dataclass from a dict of overrides."""
+  kwargs = {}
+  for field in dataclasses.fields(cls):
+    if field.name not in values:
+      continue
+    value = values[field.name]
+    if isinstance(value, dict):
+      default = getattr(cls(), field.name) if field.default is dataclasses.MISSING \
+          else field.default
+      value = _build(type(default), value)
+    kwargs[field.name] = value
+  return cls(**kwargs)
+
+
+def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS
+                      ) -> config_lib.TrainConfig:
+  """Validates the parsed flags into a TrainConfig.
+
+  Raises app.UsageError naming the flag for any invalid value.
+  """
+  values: dict = {}
+  try:
+    for flag in FLAG_TABLE:
+      raw = flag_values[flag.name].value
+      if raw is None:
+        continue
+      _set_path(values, flag.path, _parse_value(flag, raw))
+    # The actor optimizer clips like the learner's.
+    clip = values["learner"]["learner_optimizer"]["max_grad_norm"]
+    values["learner"].setdefault("actor_optimizer", {})["max_grad_norm"] = clip
+    if "distill_steps_per_rl_step" not in values:
+      values["distill_steps_per_rl_step"] = (
+          1.0 if values["learner"]["agent"] == "ald" else 0.0)
+    return _build(config_lib.TrainConfig, values)
+  except config_lib.ConfigError as error:
+    raise app.UsageError(_name_flag(str(error))) from None
+
+
+def _name_flag(message: str) -> str:
+  """Rewrites 'learner.gtrxl.num_layers: ...' as '--gtrxl_num_layers: ...'."""
+  field, _, rest = message.partition(": ")
+  for path, flag in _BY_PATH.items():
+    if path == field or path.endswith("." + field) or path.split(
+        ".", 1)[-1] == field:
+      return f"--{flag.name}: {rest}"
+  return message
+
+
+def train(config: config_lib.TrainConfig, env_factory: Callable | None = None):
+  """Runs `config`; see `ald_jax.system.run.train`."""
+  from ald_jax.system import run  # pylint: disable=import-outside-toplevel
+  return run.train(config, env_factory)
+
+
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = config_from_flags()
+  logging.set_verbosity(logging.INFO)
+  from ald_jax.system import run  # pylint: disable=import-outside-toplevel
+  from ald_jax.system import timing  # pylint: disable=import-outside-toplevel
+  try:
+    result = run.train(config)
+  except (config_lib.ConfigError, ValueError, timing.TActorBudgetError) as error:
+    # Bad input found before any thread started (environment kwargs, specs,
+    # an existing run directory ...).
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+  except run.RunError as error:
+    print(f"run failed: {error}", file=sys.stderr)
+    return 1
+  print(f"run directory: {result.run_dir} (stopped by {result.stopped_by})")
+  return 0
+
+
+def run_cli() -> None:
+  define_flags()
+  app.run(main)
+
+
+class _CallableModule(pytypes.ModuleType):
+  """Lets `ald_jax.train(config)` call the entry point while `python -m
+  ald_jax.train` still runs this module as the CLI."""
+
+  def __call__(self, config, env_factory=None):
+    return train(config, env_factory)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+if __name__ == "__main__":
+  run_cli()
