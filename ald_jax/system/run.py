@@ -267,8 +267,14 @@ def train(config: config_lib.TrainConfig,
 
   with _StopSignals(stop_event) as signals:
     try:
-      for actor in actors:
-        actor.start()
+      if env_offset >= cfg.total_env_steps:
+        logging.info("the restored run already has %d >= total_env_steps=%d "
+                     "env steps; nothing to do", env_offset,
+                     cfg.total_env_steps)
+        stop_event.set()
+      else:
+        for actor in actors:
+          actor.start()
       last_report = last_checkpoint = time.perf_counter()
       rate.rate(env_offset)
       while not stop_event.is_set():
@@ -330,7 +336,8 @@ def train(config: config_lib.TrainConfig,
     finally:
       stop_event.set()
       for actor in actors:
-        actor.join(timeout=30.0)
+        if actor.ident is not None:
+          actor.join(timeout=30.0)
       alive = [a.name for a in actors if a.is_alive()]
       if alive:
         logging.error("actor threads still running after stop: %s", alive)

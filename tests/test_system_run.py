@@ -1,0 +1,156 @@
+"""End-to-end runs of the whole system: agents, faults, refusal, resume, learning."""
+import dataclasses
+import os
+import threading
+
+import dm_env
+import jax
+import numpy as np
+import pytest
+
+from ald_jax import config as config_lib
+from ald_jax import metrics as metrics_lib
+from ald_jax.envs import imaze
+from ald_jax.system import run
+from ald_jax.system import timing
+
+
+def tiny_learner(agent: str, **changes) -> config_lib.LearnerConfig:
+  return config_lib.LearnerConfig(
+      agent=agent, unroll_length=8, learner_context=8, batch_size=8,
+      torso=config_lib.TorsoConfig(mlp_sizes=(32,)),
+      lstm=config_lib.LSTMConfig(hidden_size=32),
+      gtrxl=config_lib.GTrXLConfig(num_layers=1, d_model=32, num_heads=2,
+                                   mlp_size=64, memory_length=8),
+      **changes)
+
+
+def tiny_run(logdir, agent="ald", **changes) -> config_lib.TrainConfig:
+  base = config_lib.TrainConfig(
+      learner=tiny_learner(agent), num_actors=2, envs_per_actor=4,
+      total_env_steps=1500,
+      distill_steps_per_rl_step=1.0 if agent == "ald" else 0.0,
+      replay_capacity=64, queue_capacity=4, t_actor_budget_ms=1000.0,
+      calibration_steps=20, report_interval_s=0.5,
+      logdir=str(logdir), seed=1)
+  return dataclasses.replace(base, **changes)
+
+
+def actor_threads_alive():
+  return [t.name for t in threading.enumerate()
+          if t.name.startswith("actor-") and t.is_alive()]
+
+
+@pytest.mark.parametrize("agent", config_lib.AGENTS)
+def test_each_agent_runs_and_writes_outputs(tmp_path, agent):
+  result = run.train(tiny_run(tmp_path / agent, agent))
+  assert result.stopped_by == "budget"
+  assert result.final_row["env_steps"] >= 1500
+  assert result.final_row["learner_steps"] > 0
+  rows = metrics_lib.read_metrics(result.run_dir)
+  assert rows and rows[-1]["agent"] == agent
+  assert rows[-1]["t_actor_count"] > 0
+  for name in ("config.json", "metrics.jsonl", "metrics.csv", "curves.png"):
+    assert os.path.exists(os.path.join(result.run_dir, name)), name
+  assert any(name.isdigit() for name in
+             os.listdir(os.path.join(result.run_dir, run.CHECKPOINT_DIR)))
+  if agent == "ald":
+    assert result.final_row["distill_steps"] > 0
+  assert not actor_threads_alive()
+
+
+def test_impossible_t_actor_budget_is_refused_before_threads_start(tmp_path):
+  config = tiny_run(tmp_path, t_actor_budget_ms=1e-6)
+  with pytest.raises(timing.TActorBudgetError) as info:
+    run.train(config)
+  message = str(info.value)
+  assert f"{info.value.p99_ms:.4g} ms" in message
+  assert "1e-06 ms" in message
+  assert not actor_threads_alive()
+
+
+class CrashingEnv(dm_env.Environment):
+  """I-Maze that raises after `crash_after` steps."""
+
+  def __init__(self, seed, crash_after=60):
+    self._env = imaze.IMaze(seed=seed)
+    self._steps = 0
+    self._crash_after = crash_after
+
+  def reset(self):
+    return self._env.reset()
+
+  def step(self, action):
+    self._steps += 1
+    if self._steps > self._crash_after:
+      raise RuntimeError("environment exploded on purpose")
+    return self._env.step(action)
+
+  def observation_spec(self):
+    return self._env.observation_spec()
+
+  def action_spec(self):
+    return self._env.action_spec()
+
+
+def test_environment_crash_stops_the_run_with_its_cause(tmp_path):
+  config = tiny_run(tmp_path, total_env_steps=10**7)
+  with pytest.raises(run.RunError, match="environment exploded on purpose"):
+    run.train(config, env_factory=CrashingEnv)
+  assert not actor_threads_alive()
+
+
+def test_resume_restores_state_and_counters(tmp_path):
+  first = run.train(tiny_run(tmp_path))
+  with pytest.raises(config_lib.ConfigError, match="--resume"):
+    run.train(tiny_run(tmp_path))  # never overwrites a run by accident
+  resumed = run.train(tiny_run(tmp_path, resume=True))
+  assert resumed.stopped_by == "budget"
+  same = jax.tree_util.tree_map(np.array_equal, first.state, resumed.state)
+  assert all(jax.tree_util.tree_leaves(same))
+  for key in ("learner_steps", "distill_steps", "env_steps"):
+    assert resumed.final_row[key] == first.final_row[key], key
+  rows = metrics_lib.read_metrics(resumed.run_dir)
+  steps = [row["env_steps"] for row in rows]
+  assert steps == sorted(steps)  # metrics continue where they stopped
+
+
+@pytest.mark.slow
+def test_ald_learns_imaze(tmp_path):
+  """ALD reaches >= 90% success on I-Maze (N=6) on this 2-core machine."""
+  config = dataclasses.replace(
+      tiny_run(tmp_path, total_env_steps=450_000, report_interval_s=10.0),
+      learner=config_lib.LearnerConfig(
+          agent="ald", unroll_length=16, learner_context=16, batch_size=16,
+          torso=config_lib.TorsoConfig(mlp_sizes=(64,)),
+          lstm=config_lib.LSTMConfig(hidden_size=64),
+          gtrxl=config_lib.GTrXLConfig(num_layers=2, d_model=64, num_heads=4,
+                                       mlp_size=128, memory_length=16)),
+      envs_per_actor=8, queue_capacity=8, replay_capacity=256)
+  result = run.train(config)
+  assert result.final_row["success_rate"] >= 0.9, result.final_row
+
+
+def test_sigterm_stops_cleanly_with_a_final_checkpoint(tmp_path):
+  import signal  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  config = tiny_run(tmp_path, total_env_steps=10**8)
+  metrics_file = tmp_path / "metrics.jsonl"
+
+  def send_when_running():
+    deadline = time.time() + 300
+    while time.time() < deadline:
+      if metrics_file.exists() and metrics_file.stat().st_size > 0:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+      time.sleep(0.1)
+
+  sender = threading.Thread(target=send_when_running, daemon=True)
+  sender.start()
+  result = run.train(config)
+  sender.join()
+  assert result.stopped_by == "signal:SIGTERM"
+  assert result.final_row["env_steps"] < 10**8
+  checkpoints = os.listdir(tmp_path / run.CHECKPOINT_DIR)
+  assert str(result.final_row["learner_steps"]) in checkpoints
+  assert not actor_threads_alive()
