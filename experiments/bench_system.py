@@ -1,0 +1,131 @@
+"""End-to-end throughput of the four agents on I-Maze, in one process.
+
+Each agent runs for a fixed wall-clock budget; rates are steady-state (from
+the first report after the learner's first step to the last), so compile time
+is excluded. Prints one JSON object:
+
+  <agent>_env_sps            env steps/s end to end (learner in the loop)
+  <agent>_actor_sps          env steps per second of actor time not spent
+                             waiting on the queue or for parameters
+  <agent>_learner_steps_per_s, <agent>_learner_frames_per_s (B * T per step)
+  <agent>_t_actor_p50_us, <agent>_t_actor_p99_us
+  <agent>_bottleneck         "learner" if actors mostly wait on a full queue
+
+    python experiments/bench_system.py --seconds_per_agent=60 --preset=default
+"""
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+
+from ald_jax import config as config_lib
+from ald_jax import metrics as metrics_lib
+from ald_jax.system import run
+
+_SECONDS = flags.DEFINE_float("seconds_per_agent", 60.0,
+                              "Wall-clock budget per agent (after start-up).")
+_PRESET = flags.DEFINE_enum(
+    "preset", "default", ["default", "small"],
+    "default: the library's default sizes; small: the CI learning-test sizes.")
+_AGENTS = flags.DEFINE_list("agents", list(config_lib.AGENTS), "Agents to run.")
+_NUM_ACTORS = flags.DEFINE_integer("num_actors", 2, "Actor threads.")
+_ENVS = flags.DEFINE_integer("envs_per_actor", 8, "Environments per actor.")
+_OUT = flags.DEFINE_string("out", "", "Also write the JSON here.")
+
+
+def learner_config(agent: str, preset: str) -> config_lib.LearnerConfig:
+  if preset == "default":
+    return config_lib.LearnerConfig(agent=agent)
+  return config_lib.LearnerConfig(
+      agent=agent, unroll_length=16, learner_context=16, batch_size=16,
+      torso=config_lib.TorsoConfig(mlp_sizes=(64,)),
+      lstm=config_lib.LSTMConfig(hidden_size=64),
+      gtrxl=config_lib.GTrXLConfig(num_layers=2, d_model=64, num_heads=4,
+                                   mlp_size=128, memory_length=16))
+
+
+def steady_rates(rows):
+  """Rates between the first row with learner progress and the last row."""
+  started = [r for r in rows if r.get("learner_steps", 0) > 0]
+  if len(started) < 2:
+    return None
+  first, last = started[0], started[-1]
+  seconds = last["wall_time_s"] - first["wall_time_s"]
+  if seconds <= 0:
+    return None
+  return {
+      "env_sps": (last["env_steps"] - first["env_steps"]) / seconds,
+      "learner_steps_per_s": (last["learner_steps"] -
+                              first["learner_steps"]) / seconds,
+      "seconds": seconds,
+  }
+
+
+def bench_agent(agent: str, workdir: str) -> dict:
+  lcfg = learner_config(agent, _PRESET.value)
+  config = config_lib.TrainConfig(
+      learner=lcfg, num_actors=_NUM_ACTORS.value,
+      envs_per_actor=_ENVS.value, total_env_steps=10**12,
+      distill_steps_per_rl_step=1.0 if agent == "ald" else 0.0,
+      t_actor_policy="warn", report_interval_s=2.0,
+      checkpoint_interval_s=10**6, logdir=os.path.join(workdir, agent),
+      max_wall_time_s=_SECONDS.value + 60.0)  # + start-up and compile
+  result = run.train(config)
+  rows = metrics_lib.read_metrics(result.run_dir)
+  rates = steady_rates(rows) or {"env_sps": float("nan"),
+                                 "learner_steps_per_s": float("nan"),
+                                 "seconds": 0.0}
+  final = result.final_row
+  active = final.get("actor_active_s", 0.0)
+  waiting = final.get("actor_wait_queue_s", 0.0)
+  return {
+      f"{agent}_env_sps": rates["env_sps"],
+      f"{agent}_actor_sps": final.get("actor_sps"),
+      f"{agent}_learner_steps_per_s": rates["learner_steps_per_s"],
+      f"{agent}_learner_frames_per_s": rates["learner_steps_per_s"] *
+      lcfg.batch_size * lcfg.unroll_length,
+      f"{agent}_t_actor_p50_us": final.get("t_actor_p50_us"),
+      f"{agent}_t_actor_p99_us": final.get("t_actor_p99_us"),
+      f"{agent}_t_actor_over_budget": final.get("t_actor_over_budget"),
+      f"{agent}_actor_wait_queue_frac": waiting / max(active + waiting, 1e-9),
+      f"{agent}_bottleneck": "learner" if waiting > 0.2 * (active + waiting)
+                             else "actors",
+      f"{agent}_measured_s": rates["seconds"],
+  }
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  result = {
+      "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec="seconds"),
+      "machine": f"{platform.processor() or platform.machine()}, "
+                 f"{os.cpu_count()} cores",
+      "device": str(jax.devices()[0]),
+      "preset": _PRESET.value,
+      "seconds_per_agent": _SECONDS.value,
+      "num_actors": _NUM_ACTORS.value,
+      "envs_per_actor": _ENVS.value,
+  }
+  with tempfile.TemporaryDirectory() as workdir:
+    for agent in _AGENTS.value:
+      result.update(bench_agent(agent, workdir))
+  text = json.dumps(result, indent=2)
+  print(text)
+  if _OUT.value:
+    with open(_OUT.value, "w", encoding="utf-8") as f:
+      f.write(text + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
