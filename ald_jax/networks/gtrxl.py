@@ -1,0 +1,334 @@
+"""Gated Transformer-XL (Parisotto et al. 2020, "Stabilizing Transformers for RL").
+
+Each block, with x the block input (the residual stream):
+
+  y = ReLU(RelMultiHeadAttention(LayerNorm(x)))     # identity-map reordering:
+  x = GRUGate(x, y)                                 # LayerNorm on submodule
+  y = ReLU(MLP(LayerNorm(x)))                       # inputs only, gates in
+  x = GRUGate(x, y)                                 # place of residual adds
+
+GRU gate: r = s(W_r y + U_r x), z = s(W_z y + U_z x - b_g),
+h = tanh(W_g y + U_g (r * x)), out = (1 - z) * x + z * h. With b_g = 2 the
+update gate starts near s(-2) ~ 0.12, so every block starts close to the
+identity.
+
+Attention uses Transformer-XL relative positions (Dai et al. 2019): for query
+i and key j at distance d = i - j,
+  score = (q_i + u) . k_j  +  (q_i + v) . (W_R R_d),
+with R_d a sinusoidal embedding of d and u, v learned per-head biases.
+
+Two call forms that agree numerically:
+  * sequence form `__call__(x [B, L, D], step_type [B, L], num_memory_steps)`
+    (training): position i attends to j in [i - memory_length, i] and never
+    across the most recent FIRST at or before i. Positions < num_memory_steps
+    are the Transformer-XL memory: each layer's input there is
+    stop-gradient'ed.
+  * step form `step(x [B, D], step_type [B], cache)` (acting): a ring cache of
+    the projected keys/values of the last `memory_length` steps per layer.
+They agree to ~1e-6 in float32 with full-precision matmuls (CPU); on GPUs
+whose default float32 matmul precision is TF32 the gap is larger.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ald_jax.config import GTrXLConfig
+from ald_jax.types import FIRST
+
+_NEG_INF = -1e30  # Masked logits; every query always sees itself.
+
+
+class GTrXLCache(NamedTuple):
+  """Acting-time memory. Every leaf has leading dimension B.
+
+  Slot s of row b was written `distance = ((index - 1 - s) mod M) + 1` steps
+  before the current step (the ring holds exactly the last M steps).
+  """
+  keys: chex.Array    # [B, num_layers, num_heads, M, head_dim]
+  values: chex.Array  # [B, num_layers, num_heads, M, head_dim]
+  valid: chex.Array   # [B, M] bool: slot holds a step of the current episode
+  index: chex.Array   # [B] int32: the slot the current step will be written to
+
+
+def gtrxl_initial_cache(config: GTrXLConfig, batch_size: int) -> GTrXLCache:
+  """An empty cache; needs no parameters."""
+  head_dim = config.d_model // config.num_heads
+  # Heads before slots: a layer's slice is [B, H, M, hd], the layout the
+  # per-head attention matmuls want (no transposed copies per step).
+  shape = (batch_size, config.num_layers, config.num_heads,
+           config.memory_length, head_dim)
+  return GTrXLCache(
+      keys=jnp.zeros(shape, jnp.float32),
+      values=jnp.zeros(shape, jnp.float32),
+      valid=jnp.zeros((batch_size, config.memory_length), bool),
+      index=jnp.zeros((batch_size,), jnp.int32))
+
+
+def sinusoid_embedding(distances: np.ndarray, dim: int) -> np.ndarray:
+  """[N] -> [N, dim]: [sin(d * f_k), cos(d * f_k)], f_k = 10000^(-2k/dim).
+
+  Numpy on purpose: distances are static, so the table is a compile-time
+  constant instead of N * dim transcendentals on every acting step.
+  """
+  half = (dim + 1) // 2
+  inv_freq = 1.0 / (10000.0 ** (np.arange(half, dtype=np.float64) * 2 / dim))
+  angles = np.asarray(distances, np.float64)[:, None] * inv_freq[None, :]
+  table = np.concatenate([np.sin(angles), np.cos(angles)], axis=-1)[:, :dim]
+  return table.astype(np.float32)
+
+
+def attention_mask(step_type: chex.Array, memory_length: int) -> chex.Array:
+  """[B, L] step types -> [B, L(query), L(key)] bool.
+
+  True where 0 <= i - j <= memory_length and no FIRST lies in (j, i], i.e. j
+  is at or after the most recent FIRST at or before i.
+  """
+  episode = jnp.cumsum(jnp.equal(step_type, FIRST), axis=1)
+  same_episode = episode[:, :, None] == episode[:, None, :]
+  positions = np.arange(step_type.shape[1])
+  offset = positions[:, None] - positions[None, :]
+  window = (offset >= 0) & (offset <= memory_length)
+  return same_episode & window[None]
+
+
+class RelativeMultiHeadAttention(nn.Module):
+  """Transformer-XL multi-head attention with relative positions."""
+  d_model: int
+  num_heads: int
+
+  def setup(self):
+    d = self.d_model
+    init = nn.initializers.lecun_normal()
+    self.qkv_kernel = self.param("qkv_kernel", init, (d, 3 * d))
+    # W_R, stored [H, hd, d] (output heads first, embedding input last) so
+    # the per-head projection of queries needs no transposed copy.
+    self.position_kernel = self.param(
+        "position_kernel",
+        nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                         in_axis=-1, out_axis=(0, 1)),
+        (self.num_heads, self.head_dim, d))
+    head_shape = (self.num_heads, self.head_dim)
+    self.content_bias = self.param("content_bias", nn.initializers.zeros,
+                                   head_shape)                          # u
+    self.position_bias = self.param("position_bias", nn.initializers.zeros,
+                                    head_shape)                         # v
+    self.out_kernel = self.param("out_kernel", init, (d, d))
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  def _qkv(self, x: chex.Array) -> tuple[chex.Array, chex.Array, chex.Array]:
+    """[..., d] -> three [..., H, head_dim]."""
+    qkv = (x @ self.qkv_kernel).reshape(
+        *x.shape[:-1], 3, self.num_heads, self.head_dim)
+    return qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+
+  def _attend(self, scores: chex.Array, mask: chex.Array) -> chex.Array:
+    scores = jnp.where(mask, scores / math.sqrt(self.head_dim), _NEG_INF)
+    return jax.nn.softmax(scores, axis=-1)
+
+  def _scores_by_distance(self, q: chex.Array,
+                          num_distances: int) -> chex.Array:
+    """q [..., H, hd] -> position scores [..., H, num_distances].
+
+    (q + v) . (W_R R_d) is computed as ((q + v) W_R^T) . R_d: the query is
+    projected back to embedding space. For one acting query this is far
+    cheaper than projecting all M + 1 embeddings; in the sequence form it
+    costs a few percent more than the usual order, and using the same
+    arithmetic in both forms keeps them numerically close.
+    """
+    query_rel = jnp.einsum("...hd,hde->...he", q + self.position_bias,
+                           self.position_kernel)
+    rel = sinusoid_embedding(np.arange(num_distances), self.d_model)
+    return jnp.einsum("...he,re->...hr", query_rel, rel)
+
+  def __call__(self, x: chex.Array, mask: chex.Array,
+               relative_index: np.ndarray) -> chex.Array:
+    """x [B, L, d], mask [B, L, L], relative_index [L, L] = clip(i - j)."""
+    q, k, v = self._qkv(x)
+    content = jnp.einsum("blhd,bmhd->bhlm", q + self.content_bias, k)
+    by_distance = jnp.swapaxes(self._scores_by_distance(
+        q, int(relative_index.max()) + 1), 1, 2)            # [B, H, L, R]
+    rows = np.arange(x.shape[1])[:, None]
+    position = by_distance[:, :, rows, relative_index]      # [B, H, L, L]
+    weights = self._attend(content + position, mask[:, None])
+    out = jnp.einsum("bhlm,bmhd->blhd", weights, v)
+    return out.reshape(x.shape) @ self.out_kernel
+
+  def step(self, x: chex.Array, cache_keys: chex.Array,
+           cache_values: chex.Array, valid: chex.Array,
+           distances: chex.Array
+           ) -> tuple[chex.Array, chex.Array, chex.Array]:
+    """One query per row against the cached keys plus itself.
+
+    x [B, d]; cache_keys/values [B, H, M, hd]; valid, distances [B, M].
+    Returns (output [B, d], new key [B, H, hd], new value [B, H, hd]).
+    """
+    batch_size, memory_length = valid.shape
+    q, k, v = self._qkv(x)
+    by_distance = self._scores_by_distance(q, memory_length + 1)  # [B, H, M+1]
+    gather_index = jnp.broadcast_to(
+        distances[:, None, :], (batch_size, self.num_heads, memory_length))
+    position = jnp.concatenate([
+        jnp.take_along_axis(by_distance, gather_index, axis=-1),
+        by_distance[..., :1]], axis=-1)                      # [B, H, M + 1]
+    q_content = q + self.content_bias
+    content = jnp.concatenate([
+        jnp.einsum("bhd,bhmd->bhm", q_content, cache_keys),
+        jnp.einsum("bhd,bhd->bh", q_content, k)[..., None]], axis=-1)
+    mask = jnp.concatenate([valid, jnp.ones((batch_size, 1), bool)], axis=-1)
+    weights = self._attend(content + position, mask[:, None, :])
+    out = (jnp.einsum("bhm,bhmd->bhd", weights[..., :-1], cache_values)
+           + weights[..., -1:] * v)
+    return out.reshape(batch_size, self.d_model) @ self.out_kernel, k, v
+
+
+class GRUGate(nn.Module):
+  """GRU-type gating layer g(x, y) used in place of the residual add x + y."""
+  d_model: int
+  gate_bias: float
+
+  def setup(self):
+    d = self.d_model
+    init = nn.initializers.lecun_normal()
+    # W_r, W_z, W_g fused (one matmul of y); U_r, U_z fused (one matmul of x).
+    self.w_kernel = self.param("w_kernel", init, (d, 3 * d))
+    self.w_bias = self.param("w_bias", nn.initializers.zeros, (3 * d,))
+    self.u_kernel = self.param("u_kernel", init, (d, 2 * d))
+    self.ug_kernel = self.param("ug_kernel", init, (d, d))
+
+  def __call__(self, x: chex.Array, y: chex.Array) -> chex.Array:
+    wy_r, wy_z, wy_g = jnp.split(y @ self.w_kernel + self.w_bias, 3, axis=-1)
+    ux_r, ux_z = jnp.split(x @ self.u_kernel, 2, axis=-1)
+    r = jax.nn.sigmoid(wy_r + ux_r)
+    z = jax.nn.sigmoid(wy_z + ux_z - self.gate_bias)
+    candidate = jnp.tanh(wy_g + (r * x) @ self.ug_kernel)
+    return (1.0 - z) * x + z * candidate
+
+
+class GTrXLBlock(nn.Module):
+  """One gated, identity-map-reordered Transformer-XL layer."""
+  config: GTrXLConfig
+
+  def setup(self):
+    c = self.config
+    self.attention_norm = nn.LayerNorm()
+    self.attention = RelativeMultiHeadAttention(c.d_model, c.num_heads)
+    self.attention_gate = GRUGate(c.d_model, c.gate_bias)
+    self.mlp_norm = nn.LayerNorm()
+    self.mlp_hidden = nn.Dense(c.mlp_size)
+    self.mlp_out = nn.Dense(c.d_model)
+    self.mlp_gate = GRUGate(c.d_model, c.gate_bias)
+
+  def _mlp_submodule(self, x: chex.Array) -> chex.Array:
+    y = self.mlp_out(nn.relu(self.mlp_hidden(self.mlp_norm(x))))
+    return self.mlp_gate(x, nn.relu(y))
+
+  def __call__(self, x: chex.Array, mask: chex.Array,
+               relative_index: np.ndarray) -> chex.Array:
+    """Sequence form: x [B, L, d] -> [B, L, d]."""
+    y = self.attention(self.attention_norm(x), mask, relative_index)
+    x = self.attention_gate(x, nn.relu(y))
+    return self._mlp_submodule(x)
+
+  def step(self, x: chex.Array, cache_keys: chex.Array,
+           cache_values: chex.Array, valid: chex.Array,
+           distances: chex.Array
+           ) -> tuple[chex.Array, chex.Array, chex.Array]:
+    """Step form: x [B, d] -> (out [B, d], key [B, H, hd], value [B, H, hd])."""
+    y, key, value = self.attention.step(
+        self.attention_norm(x), cache_keys, cache_values, valid, distances)
+    x = self.attention_gate(x, nn.relu(y))
+    return self._mlp_submodule(x), key, value
+
+
+class GTrXL(nn.Module):
+  """Input projection to d_model, `num_layers` GTrXL blocks, final LayerNorm.
+
+  The final LayerNorm (on by default) normalises the un-normalised residual
+  stream before the heads (identity-map reordering leaves it raw).
+  """
+  config: GTrXLConfig
+  final_layer_norm: bool = True
+
+  def setup(self):
+    c = self.config
+    self.input_projection = nn.Dense(c.d_model)
+    self.blocks = [GTrXLBlock(c) for _ in range(c.num_layers)]
+    if self.final_layer_norm:
+      self.output_norm = nn.LayerNorm()
+
+  def initial_cache(self, batch_size: int) -> GTrXLCache:
+    """Empty cache; callable on an unbound module."""
+    return gtrxl_initial_cache(self.config, batch_size)
+
+  def _finish(self, x: chex.Array) -> chex.Array:
+    return self.output_norm(x) if self.final_layer_norm else x
+
+  def __call__(self, x: chex.Array, step_type: chex.Array,
+               num_memory_steps: int = 0) -> chex.Array:
+    """x [B, L, D_in], step_type [B, L] -> [B, L, d_model].
+
+    Positions < num_memory_steps are memory: gradients do not flow through
+    their hidden states (the forward pass is unchanged).
+    """
+    chex.assert_rank(x, 3)
+    batch_size, length, _ = x.shape
+    chex.assert_shape(step_type, (batch_size, length))
+    memory_length = self.config.memory_length
+    mask = attention_mask(step_type, memory_length)
+    positions = np.arange(length)
+    # Distances past memory_length are masked out; clip to keep the table short.
+    relative_index = np.clip(positions[:, None] - positions[None, :], 0,
+                             min(length - 1, memory_length))
+    is_memory = jnp.asarray(positions < num_memory_steps)[None, :, None]
+    h = self.input_projection(x)
+    for block in self.blocks:
+      h = jnp.where(is_memory, jax.lax.stop_gradient(h), h)
+      h = block(h, mask, relative_index)
+    return self._finish(h)
+
+  def step(self, x: chex.Array, step_type: chex.Array,
+           cache: GTrXLCache) -> tuple[chex.Array, GTrXLCache]:
+    """x [B, D_in], step_type [B] -> (y [B, d_model], updated cache)."""
+    chex.assert_rank(x, 2)
+    batch_size = x.shape[0]
+    c = self.config
+    chex.assert_shape(step_type, (batch_size,))
+    chex.assert_shape([cache.keys, cache.values],
+                      (batch_size, c.num_layers, c.num_heads, c.memory_length,
+                       c.d_model // c.num_heads))
+    chex.assert_shape(cache.valid, (batch_size, c.memory_length))
+    slots = np.arange(c.memory_length)
+    # An episode start invalidates everything cached for that row.
+    valid = cache.valid & ~jnp.equal(step_type, FIRST)[:, None]
+    distances = (cache.index[:, None] - 1 - slots[None, :]) % c.memory_length + 1
+    h = self.input_projection(x)
+    new_keys, new_values = [], []
+    for layer, block in enumerate(self.blocks):
+      h, key, value = block.step(h, cache.keys[:, layer],
+                                 cache.values[:, layer], valid, distances)
+      new_keys.append(key)
+      new_values.append(value)
+
+    def written(old: chex.Array, new: list[chex.Array]) -> chex.Array:
+      # Writes slot `index` of each row in place (when the cache is donated).
+      def write_row(row, row_new, index):  # [NL, H, M, hd], [NL, H, hd]
+        return jax.lax.dynamic_update_slice(row, row_new[:, :, None, :],
+                                            (0, 0, index, 0))
+      return jax.vmap(write_row)(old, jnp.stack(new, axis=1), cache.index)
+
+    cache = GTrXLCache(
+        keys=written(cache.keys, new_keys),
+        values=written(cache.values, new_values),
+        valid=valid | (slots[None, :] == cache.index[:, None]),
+        index=(cache.index + 1) % c.memory_length)
+    return self._finish(h), cache
