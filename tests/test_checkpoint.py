@@ -64,7 +64,7 @@ def test_roundtrip_with_int_step_keys_and_metadata(tmp_path):
                                 jax.random.normal(saved.key, (3,)))
   assert meta["env_steps"] == 500 and meta["shape"] == [1, 2]
   assert meta["config"]["agent"] == "ald"
-  assert meta["config"]["gtrxl"]["num_layers"] == 4
+  assert meta["config"]["gtrxl"]["num_layers"] == config_lib.GTrXLConfig().num_layers
   rng = np.random.default_rng()
   rng.bit_generator.state = meta["np_rng"]
   assert rng.random() == np.random.default_rng(5).random()
