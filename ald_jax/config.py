@@ -246,6 +246,11 @@ class TrainConfig:
   t_actor_budget_ms: float = 10.0
   t_actor_policy: str = "refuse"
   calibration_steps: int = 200
+  # Confine the learner (main thread and XLA's CPU pool) to the cores actors
+  # do not use. Off by default: on the 2-core CPU machine it cost ~25% of
+  # learner steps/s and did not lower the actors' in-run T_actor p50 (GIL
+  # hand-offs with the learner thread dominate there; see README).
+  pin_learner: bool = False
   seed: int = 0
   logdir: str = "runs/default"
   report_interval_s: float = 5.0

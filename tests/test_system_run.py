@@ -119,7 +119,7 @@ def test_resume_restores_state_and_counters(tmp_path):
 def test_ald_learns_imaze(tmp_path):
   """ALD reaches >= 90% success on I-Maze (N=4) on this 2-core machine."""
   config = dataclasses.replace(
-      tiny_run(tmp_path, total_env_steps=450_000, report_interval_s=10.0,
+      tiny_run(tmp_path, total_env_steps=300_000, report_interval_s=10.0,
                env_kwargs=(("corridor_length", 4),)),
       learner=config_lib.LearnerConfig(
           agent="ald", unroll_length=16, learner_context=16, batch_size=16,

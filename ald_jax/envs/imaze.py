@@ -40,6 +40,8 @@ import dm_env
 from dm_env import specs
 import numpy as np
 
+from ald_jax.envs import arguments
+
 UP, DOWN, LEFT, RIGHT = 0, 1, 2, 3
 NUM_ACTIONS = 4
 _MOVES = ((-1, 0), (1, 0), (0, -1), (0, 1))
@@ -58,19 +60,6 @@ def default_time_limit(corridor_length: int) -> int:
   Grows with N so that a longer corridor stays explorable by a random policy.
   """
   return 4 * (corridor_length + 1) + 8
-
-
-def _check_int(value, name: str, minimum: int) -> None:
-  if (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
-      or value < minimum):
-    raise ValueError(f"IMaze: {name} must be an integer >= {minimum}, got "
-                     f"{value!r}")
-
-
-def _check_float(value, name: str) -> None:
-  if (not isinstance(value, (int, float, np.number)) or isinstance(value, bool)
-      or not np.isfinite(value)):
-    raise ValueError(f"IMaze: {name} must be a finite number, got {value!r}")
 
 
 class IMaze(dm_env.Environment):
@@ -102,18 +91,12 @@ class IMaze(dm_env.Environment):
       time_limit_discount: discount of the LAST step on timeout, in [0, 1].
       flat_obs: True -> observation shape (36,); False -> (3, 3, 4).
     """
-    _check_int(corridor_length, "corridor_length", 1)
+    arguments.check_int("IMaze", corridor_length, "corridor_length", 1)
     if time_limit is None:
       time_limit = default_time_limit(corridor_length)
-    _check_int(time_limit, "time_limit", corridor_length + 1)
-    _check_float(correct_reward, "correct_reward")
-    _check_float(wrong_reward, "wrong_reward")
-    _check_float(time_limit_discount, "time_limit_discount")
-    if not 0.0 <= time_limit_discount <= 1.0:
-      raise ValueError(f"IMaze: time_limit_discount must be in [0, 1], got "
-                       f"{time_limit_discount!r}")
-    if not isinstance(flat_obs, bool):
-      raise ValueError(f"IMaze: flat_obs must be a bool, got {flat_obs!r}")
+    arguments.check_int("IMaze", time_limit, "time_limit", corridor_length + 1)
+    arguments.check_reward_options("IMaze", correct_reward, wrong_reward,
+                                   time_limit_discount, flat_obs)
     self._n = int(corridor_length)
     self._time_limit = int(time_limit)
     self._correct_reward = float(correct_reward)

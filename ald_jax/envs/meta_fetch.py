@@ -32,23 +32,11 @@ import dm_env
 from dm_env import specs
 import numpy as np
 
+from ald_jax.envs import arguments
+
 NUM_ACTIONS = 4
 _MOVES = ((-1, 0), (1, 0), (0, -1), (0, 1))
 AGENT_CHANNEL = 0
-
-
-def _check_int(value, name: str, minimum: int) -> None:
-  if (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
-      or value < minimum):
-    raise ValueError(f"MetaFetch: {name} must be an integer >= {minimum}, got "
-                     f"{value!r}")
-
-
-def _check_float(value, name: str) -> None:
-  if (not isinstance(value, (int, float, np.number)) or isinstance(value, bool)
-      or not np.isfinite(value)):
-    raise ValueError(f"MetaFetch: {name} must be a finite number, got "
-                     f"{value!r}")
 
 
 class MetaFetch(dm_env.Environment):
@@ -79,20 +67,14 @@ class MetaFetch(dm_env.Environment):
       time_limit_discount: discount of the LAST step, in [0, 1].
       flat_obs: True -> observation flattened to one vector.
     """
-    _check_int(grid_size, "grid_size", 2)
-    _check_int(num_objects, "num_objects", 2)
+    arguments.check_int("MetaFetch", grid_size, "grid_size", 2)
+    arguments.check_int("MetaFetch", num_objects, "num_objects", 2)
     if num_objects + 1 > grid_size * grid_size:
       raise ValueError(f"MetaFetch: num_objects={num_objects} does not fit a "
                        f"{grid_size}x{grid_size} grid with the agent")
-    _check_int(time_limit, "time_limit", 1)
-    _check_float(correct_reward, "correct_reward")
-    _check_float(wrong_reward, "wrong_reward")
-    _check_float(time_limit_discount, "time_limit_discount")
-    if not 0.0 <= time_limit_discount <= 1.0:
-      raise ValueError(f"MetaFetch: time_limit_discount must be in [0, 1], "
-                       f"got {time_limit_discount!r}")
-    if not isinstance(flat_obs, bool):
-      raise ValueError(f"MetaFetch: flat_obs must be a bool, got {flat_obs!r}")
+    arguments.check_int("MetaFetch", time_limit, "time_limit", 1)
+    arguments.check_reward_options("MetaFetch", correct_reward, wrong_reward,
+                                   time_limit_discount, flat_obs)
     self._size = int(grid_size)
     self._k = int(num_objects)
     self._time_limit = int(time_limit)

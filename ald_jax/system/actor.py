@@ -141,6 +141,30 @@ def pin_current_thread(cores: Collection[int] | None) -> frozenset[int] | None:
   return frozenset(os.sched_getaffinity(0))
 
 
+def pin_process_threads(cores: Collection[int] | None) -> int:
+  """Pins every thread of this process that exists now (Linux) to `cores`.
+
+  Called before the actors start, this confines the learner: the main thread
+  and XLA's CPU worker pool, whose threads otherwise preempt the actors on
+  their cores. Actor threads pin themselves to their own cores afterwards.
+  Returns the number of threads pinned (0 where unsupported).
+  """
+  if cores is None or not hasattr(os, "sched_setaffinity"):
+    return 0
+  try:
+    thread_ids = [int(t) for t in os.listdir("/proc/self/task")]
+  except OSError:
+    return 0
+  pinned = 0
+  for tid in thread_ids:
+    try:
+      os.sched_setaffinity(tid, set(cores))
+      pinned += 1
+    except OSError:  # the thread exited meanwhile
+      pass
+  return pinned
+
+
 def make_act_fn(core_step: Callable[..., Any]) -> Callable[..., Any]:
   """Jitted acting step: splits the key inside the same call.
 

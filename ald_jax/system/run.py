@@ -273,6 +273,8 @@ def train(config: config_lib.TrainConfig,
                      cfg.total_env_steps)
         stop_event.set()
       else:
+        if cfg.pin_learner:
+          actor_lib.pin_process_threads(cores.learner)
         for actor in actors:
           actor.start()
       last_report = last_checkpoint = time.perf_counter()

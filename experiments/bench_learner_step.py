@@ -1,0 +1,112 @@
+"""Acting latency (CPU, pinned thread) and the learner step (default device).
+
+Prints one JSON object, all measured in this run:
+  dispatch_floor_us                      median call of a jitted identity on CPU
+  lstm_b1_p50_us / _p99_us, lstm_b16_p50_us   the actor's acting call (the lean
+                                         `act` path the actor threads run)
+  gtrxl_b1_p50_us / _p99_us, gtrxl_b16_p50_us GTrXL step with its K/V cache
+  gtrxl_over_lstm_b1                     the reason ALD exists
+  learner_compile_s, learner_step_ms     combined ALD step, default B/T/context
+
+    python experiments/bench_learner_step.py [--iters 3000] [--learner_steps 20]
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_acting  # pylint: disable=wrong-import-position
+
+import jax  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+
+from ald_jax import config as config_lib  # pylint: disable=wrong-import-position
+from ald_jax import learner as learner_lib  # pylint: disable=wrong-import-position
+
+
+def measure_learner(num_steps: int, obs_shape, num_actions) -> dict:
+  config = config_lib.LearnerConfig()
+  learner = learner_lib.make_learner(config, obs_shape, num_actions)
+  device = jax.devices()[0]
+  rng = np.random.default_rng(0)
+  batch = learner.example_batch(config.batch_size)
+  batch = batch.replace(
+      observation=rng.normal(size=batch.observation.shape).astype(np.float32),
+      reward=rng.normal(size=batch.reward.shape).astype(np.float32))
+  batch = jax.device_put(batch, device)
+  state = learner.init(jax.random.PRNGKey(0), batch)
+  jax.block_until_ready(state)
+  start = time.perf_counter()
+  state, metrics = learner.step(state, batch)
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - start
+  times = []
+  for _ in range(num_steps):
+    start = time.perf_counter()
+    state, metrics = learner.step(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  return {
+      "learner_compile_s": round(compile_s, 2),
+      "learner_step_ms": round(float(np.median(times)) * 1e3, 2),
+      "learner_step_p90_ms": round(float(np.percentile(times, 90)) * 1e3, 2),
+      "learner_device": str(device),
+      "learner_config": {
+          "agent": config.agent, "rl_loss": config.rl_loss,
+          "batch_size": config.batch_size,
+          "unroll_length": config.unroll_length,
+          "learner_context": config.learner_context,
+          "gtrxl": vars(config.gtrxl) if hasattr(config.gtrxl, "__dict__")
+                   else str(config.gtrxl),
+          "lstm_hidden_size": config.lstm.hidden_size},
+  }
+
+
+def main(argv):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--iters", type=int, default=3000)
+  parser.add_argument("--learner_steps", type=int, default=20)
+  parser.add_argument("--core", type=int, default=None)
+  args = parser.parse_args(argv)
+  bench_acting.configure_cpu_acting()   # before any other JAX work
+  # Create JAX's CPU client (and XLA's worker pool) on this unpinned thread:
+  # threads inherit the affinity of their creator, and the acting
+  # measurement below runs in a thread pinned to one core.
+  warm = jax.jit(lambda x: x @ x)(jax.numpy.ones((256, 256)))
+  jax.block_until_ready(warm)
+  obs_shape, num_actions = bench_acting.DEFAULT_OBS_SHAPE, 4
+  acting = bench_acting.measure_acting(core=args.core, num_calls=args.iters,
+                                       obs_shape=obs_shape,
+                                       num_actions=num_actions)
+  result = {
+      "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec="seconds"),
+      "machine": f"{platform.processor() or platform.machine()}, "
+                 f"{os.cpu_count()} cores",
+      "device": acting["device"],
+      "jax_version": jax.__version__,
+      "dispatch_floor_us": acting["dispatch_floor_us"],
+      # The actor threads act through the lean path (LSTMPolicyValueNet.act).
+      "lstm_b1_p50_us": acting["lstm_lean_b1_p50_us"],
+      "lstm_b1_p99_us": acting["lstm_lean_b1_p99_us"],
+      "lstm_b16_p50_us": acting["lstm_lean_b16_p50_us"],
+      "lstm_api_step_b1_p50_us": acting["lstm_b1_p50_us"],
+      "gtrxl_b1_p50_us": acting["gtrxl_b1_p50_us"],
+      "gtrxl_b1_p99_us": acting["gtrxl_b1_p99_us"],
+      "gtrxl_b16_p50_us": acting["gtrxl_b16_p50_us"],
+  }
+  result["lstm_b1_over_dispatch_floor"] = round(
+      result["lstm_b1_p50_us"] / result["dispatch_floor_us"], 2)
+  result["gtrxl_over_lstm_b1"] = round(
+      result["gtrxl_b1_p50_us"] / result["lstm_b1_p50_us"], 1)
+  result.update(measure_learner(args.learner_steps, obs_shape, num_actions))
+  print(json.dumps(result, indent=1, default=str))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
