@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging as std_logging
 import sys
 import types as pytypes
 from typing import Any, Callable, NamedTuple
@@ -247,11 +248,20 @@ def train(config: config_lib.TrainConfig, env_factory: Callable | None = None):
   return run.train(config, env_factory)
 
 
+class _QuietLibraries(std_logging.Filter):
+  """Keeps orbax's per-save INFO lines out of the progress output."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return (record.levelno >= std_logging.WARNING
+            or "orbax" not in record.pathname)
+
+
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = config_from_flags()
   logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   from ald_jax.system import run  # pylint: disable=import-outside-toplevel
   from ald_jax.system import timing  # pylint: disable=import-outside-toplevel
   try:

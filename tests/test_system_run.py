@@ -115,7 +115,6 @@ def test_resume_restores_state_and_counters(tmp_path):
   assert steps == sorted(steps)  # metrics continue where they stopped
 
 
-@pytest.mark.slow
 def test_ald_learns_imaze(tmp_path):
   """ALD reaches >= 90% success on I-Maze (N=4) on this 2-core machine."""
   config = dataclasses.replace(
@@ -154,4 +153,40 @@ def test_sigterm_stops_cleanly_with_a_final_checkpoint(tmp_path):
   assert result.final_row["env_steps"] < 10**8
   checkpoints = os.listdir(tmp_path / run.CHECKPOINT_DIR)
   assert str(result.final_row["learner_steps"]) in checkpoints
+  assert not actor_threads_alive()
+
+
+@pytest.mark.slow
+def test_default_ald_run_learns_imaze(tmp_path):
+  """What `make train` runs (library defaults), shortened: >= 90% success."""
+  config = config_lib.TrainConfig(total_env_steps=300_000,
+                                  logdir=str(tmp_path), report_interval_s=15.0)
+  result = run.train(config)
+  assert result.final_row["success_rate"] >= 0.9, result.final_row
+
+
+class NaNRewardEnv(dm_env.Environment):
+  """I-Maze whose rewards are NaN: every learner update is non-finite."""
+
+  def __init__(self, seed):
+    self._env = imaze.IMaze(seed=seed)
+
+  def reset(self):
+    return self._env.reset()
+
+  def step(self, action):
+    return self._env.step(action)._replace(reward=float("nan"))
+
+  def observation_spec(self):
+    return self._env.observation_spec()
+
+  def action_spec(self):
+    return self._env.action_spec()
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path):
+  config = tiny_run(tmp_path, total_env_steps=10**7,
+                    max_consecutive_nonfinite=3)
+  with pytest.raises(run.RunError, match="3 learner updates in a row"):
+    run.train(config, env_factory=NaNRewardEnv)
   assert not actor_threads_alive()
