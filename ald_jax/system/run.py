@@ -28,6 +28,7 @@ from typing import Any, Callable, NamedTuple
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ald_jax import checkpoint as checkpoint_lib
@@ -210,7 +211,12 @@ def train(config: config_lib.TrainConfig,
   writer = metrics_lib.MetricsWriter(
       run_dir, resume=cfg.resume,
       keep_until=("env_steps", counters["env_steps"]) if cfg.resume else None)
-  slot.publish(learner.actor_params(state))
+  # One jitted call copies the actor parameters out of the (donated) learner
+  # state: fresh buffers the actors may keep, without a host round-trip per
+  # leaf on the learner thread.
+  copy_actor_params = jax.jit(lambda s: jax.tree_util.tree_map(
+      jnp.copy, learner.actor_params(s)))
+  slot.publish(copy_actor_params(state), copy_to_host=False)
 
   actors = [
       actor_lib.ActorThread(
@@ -239,7 +245,7 @@ def train(config: config_lib.TrainConfig,
 
   def make_row() -> dict[str, Any]:
     episodes.extend(e for a in actors for e in a.drain_episodes())
-    row = {"agent": lcfg.agent, "env": cfg.env,
+    row = {"agent": lcfg.agent, "env": cfg.env, "stopped_by": "",
            "wall_time_s": wall_offset + time.perf_counter() - start_time}
     row.update(actor_lib.summarize_actors(actors))
     row["env_steps"] = env_offset + row["env_steps"]
@@ -252,7 +258,8 @@ def train(config: config_lib.TrainConfig,
                 "queue_capacity": cfg.queue_capacity,
                 "params_version": slot.version})
     row.update(phases.summary())
-    row.update({k: float(v) for k, v in last_metrics.items()})
+    row.update({k: float(v)
+                for k, v in jax.device_get(last_metrics).items()})
     return row
 
   def save_checkpoint():
@@ -298,8 +305,10 @@ def train(config: config_lib.TrainConfig,
           with phases.phase("step"):
             state, metrics = learner.step(
                 state, jax.device_put(batch, learner_device))
-            metrics = jax.device_get(metrics)
-          if metrics["nonfinite"] > 0:
+            # One scalar per step; the rest is fetched at report time (each
+            # host transfer holds the GIL the actors need).
+            nonfinite = float(metrics["nonfinite"])
+          if nonfinite > 0:
             consecutive_nonfinite += 1
             counters["nonfinite_total"] += 1
             logging.warning("non-finite loss or gradient: update skipped "
@@ -322,7 +331,7 @@ def train(config: config_lib.TrainConfig,
               if float(distill_metrics["nonfinite"]) == 0:
                 counters["distill_steps"] += 1
           with phases.phase("publish"):
-            slot.publish(learner.actor_params(state))
+            slot.publish(copy_actor_params(state), copy_to_host=False)
           batch = batcher.pop_batch()
         now = time.perf_counter()
         if now - last_report >= cfg.report_interval_s:
