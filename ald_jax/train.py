@@ -13,8 +13,10 @@ name.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import logging as std_logging
+import os
 import sys
 import types as pytypes
 from typing import Any, Callable, NamedTuple
@@ -112,7 +114,7 @@ FLAG_TABLE = (
           "Confine the learner's threads to the cores actors do not use."),
     _Flag("seed", "seed", "int", "Random seed."),
     _Flag("logdir", "logdir", "str", "Run directory (config, metrics, "
-          "checkpoints, plots)."),
+          "checkpoints, plots); default runs/<agent>_<env>_<UTC time>."),
     _Flag("report_interval_s", "report_interval_s", "float",
           "Seconds between progress lines / metric rows."),
     _Flag("checkpoint_interval_s", "checkpoint_interval_s", "float",
@@ -140,6 +142,8 @@ def _default(flag: _Flag) -> Any:
     return None  # resolved per agent
   if flag.name == "env_kwargs":
     return "{}"
+  if flag.name == "logdir":
+    return ""  # a fresh timestamped directory per run
   value = _get_path(_DEFAULT, flag.path)
   if flag.kind == "ints":
     return ",".join(str(v) for v in value)
@@ -224,6 +228,11 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS
     # The actor optimizer clips like the learner's.
     clip = values["learner"]["learner_optimizer"]["max_grad_norm"]
     values["learner"].setdefault("actor_optimizer", {})["max_grad_norm"] = clip
+    if not values.get("logdir"):
+      stamp = datetime.datetime.now(datetime.timezone.utc).strftime(
+          "%Y%m%d-%H%M%S")
+      values["logdir"] = os.path.join(
+          "runs", f"{values['learner']['agent']}_{values['env']}_{stamp}")
     if "distill_steps_per_rl_step" not in values:
       values["distill_steps_per_rl_step"] = (
           1.0 if values["learner"]["agent"] == "ald" else 0.0)
@@ -259,7 +268,13 @@ class _QuietLibraries(std_logging.Filter):
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = config_from_flags()
+  try:
+    config = config_from_flags()
+  except app.UsageError as error:
+    # Just the cause (absl would print the whole flag list above it).
+    print(f"error: {error}\n(python -m ald_jax.train --helpfull lists the "
+          "flags)", file=sys.stderr)
+    return 2
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   from ald_jax.system import run  # pylint: disable=import-outside-toplevel

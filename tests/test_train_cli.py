@@ -1,4 +1,6 @@
 """The absl CLI: flags map onto TrainConfig; bad flags fail before any work."""
+import dataclasses
+import os
 import subprocess
 import sys
 
@@ -20,7 +22,10 @@ def parse(*argv) -> config_lib.TrainConfig:
 
 def test_defaults_match_the_config_defaults():
   config = parse()
-  assert config == config_lib.TrainConfig()  # ald: one distill step per RL step
+  assert config.logdir.startswith(os.path.join("runs", "ald_imaze_"))
+  # ald: one distill step per RL step; everything else as in the dataclasses.
+  assert config == dataclasses.replace(config_lib.TrainConfig(),
+                                       logdir=config.logdir)
 
 
 def test_flags_reach_nested_fields():
