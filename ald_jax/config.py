@@ -209,23 +209,6 @@ class LearnerConfig:
     """Time steps in one batch row: context + unroll + bootstrap step."""
     return self.learner_context + self.unroll_length + 1
 
-  @property
-  def learner_is_transformer(self) -> bool:
-    return self.agent in ("ald", "transformer")
-
-  @property
-  def actor_is_learner(self) -> bool:
-    """True when the acting network is (part of) the learner: no distillation."""
-    return self.agent in ("lstm", "transformer", "asymmetric")
-
-  @property
-  def uses_transformer(self) -> bool:
-    return self.agent != "lstm"
-
-
-def replace(config, **changes):
-  """`dataclasses.replace` that re-validates (frozen configs validate on init)."""
-  return dataclasses.replace(config, **changes)
 
 
 T_ACTOR_POLICIES = ("refuse", "warn")
@@ -296,7 +279,3 @@ class TrainConfig:
   @property
   def env_kwargs_dict(self) -> dict[str, Any]:
     return dict(self.env_kwargs)
-
-  def to_dict(self) -> dict[str, Any]:
-    """JSON-able form (the resolved config written to the run directory)."""
-    return dataclasses.asdict(self)

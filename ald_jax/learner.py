@@ -174,9 +174,8 @@ def make_learner(config: config_lib.LearnerConfig,
 
   # ---- losses ---------------------------------------------------------------
 
-  def rl_loss(net_params, duals, target_params, batch,
+  def rl_loss(duals, target_params, batch, view: _UnrollView,
               learner_out: types.AgentOutput) -> tuple[Array, Metrics]:
-    view = _unroll_view(batch, ctx, unroll, cfg.discount)
     logits = learner_out.logits[:, :unroll]
     values = learner_out.value  # [B, T+1]
     if not use_vmpo:
@@ -215,49 +214,9 @@ def make_learner(config: config_lib.LearnerConfig,
     metrics["vmpo/advantage_mean"] = common.masked_mean(advantages, view.mask)
     return policy_loss + value_loss, metrics
 
-  def losses(learner_params, actor_params, target_params,
-             batch: types.Batch) -> tuple[Array, Metrics]:
-    """Sum of all losses; each parameter set gets only its own gradient."""
-    learner_out = learner_forward(learner_params["net"], batch)
-    rl, metrics = rl_loss(learner_params["net"], learner_params["duals"],
-                          target_params, batch, learner_out)
-    mask = _unroll_view(batch, ctx, unroll, cfg.discount).mask
-    learner_logits = learner_out.logits[:, :unroll]
-    total = rl
-    metrics["learner/rl_loss"] = rl
-    metrics["learner/entropy"] = common.masked_mean(
-        common.entropy(learner_logits), mask)
-    metrics["learner/value_mean"] = common.masked_mean(
-        learner_out.value[:, :unroll], mask)
-    if distills:
-      actor_out = lstm_forward(actor_params, batch)
-      actor_logits = actor_out.logits[:, :unroll]
-      pull = common.masked_mean(
-          jax.vmap(distill.policy_distillation)(actor_logits, learner_logits),
-          mask)
-      policy_kl = common.masked_mean(
-          jax.vmap(distill.policy_distillation)(learner_logits, actor_logits),
-          mask)
-      value_sq = common.masked_mean(
-          jax.vmap(distill.value_distillation)(
-              learner_out.value[:, :unroll], actor_out.value[:, :unroll]),
-          mask)
-      total = (total + cfg.distill.learner_pull_cost * pull +
-               cfg.distill.policy_cost * policy_kl +
-               cfg.distill.value_cost * value_sq)
-      metrics["learner/pull_kl"] = pull
-      metrics["distill/policy_kl"] = policy_kl
-      metrics["distill/value_loss"] = value_sq
-      metrics["actor/entropy"] = common.masked_mean(
-          common.entropy(actor_logits), mask)
-    metrics["loss/total"] = total
-    return total, metrics
-
-  def distill_losses(actor_params, learner_net_params,
-                     batch: types.Batch) -> tuple[Array, Metrics]:
-    teacher = jax.lax.stop_gradient(learner_forward(learner_net_params, batch))
-    actor_out = lstm_forward(actor_params, batch)
-    mask = _unroll_view(batch, ctx, unroll, cfg.discount).mask
+  def distillation(teacher: types.AgentOutput, actor_out: types.AgentOutput,
+                   mask: Array) -> tuple[Array, Metrics]:
+    """alpha_pi KL(sg[pi_L] || pi_A) + alpha_V 1/2 (sg[V_L] - V_A)^2."""
     policy_kl = common.masked_mean(
         jax.vmap(distill.policy_distillation)(
             teacher.logits[:, :unroll], actor_out.logits[:, :unroll]), mask)
@@ -268,6 +227,42 @@ def make_learner(config: config_lib.LearnerConfig,
              cfg.distill.value_cost * value_sq)
     return total, {"distill/policy_kl": policy_kl,
                    "distill/value_loss": value_sq}
+
+  def losses(learner_params, actor_params, target_params,
+             batch: types.Batch) -> tuple[Array, Metrics]:
+    """Sum of all losses; each parameter set gets only its own gradient."""
+    view = _unroll_view(batch, ctx, unroll, cfg.discount)
+    learner_out = learner_forward(learner_params["net"], batch)
+    rl, metrics = rl_loss(learner_params["duals"], target_params, batch, view,
+                          learner_out)
+    learner_logits = learner_out.logits[:, :unroll]
+    total = rl
+    metrics["learner/rl_loss"] = rl
+    metrics["learner/entropy"] = common.masked_mean(
+        common.entropy(learner_logits), view.mask)
+    metrics["learner/value_mean"] = common.masked_mean(
+        learner_out.value[:, :unroll], view.mask)
+    if distills:
+      actor_out = lstm_forward(actor_params, batch)
+      actor_logits = actor_out.logits[:, :unroll]
+      pull = common.masked_mean(
+          jax.vmap(distill.policy_distillation)(actor_logits, learner_logits),
+          view.mask)
+      distill_loss, distill_metrics = distillation(learner_out, actor_out,
+                                                   view.mask)
+      total = total + cfg.distill.learner_pull_cost * pull + distill_loss
+      metrics.update(distill_metrics)
+      metrics["learner/pull_kl"] = pull
+      metrics["actor/entropy"] = common.masked_mean(
+          common.entropy(actor_logits), view.mask)
+    metrics["loss/total"] = total
+    return total, metrics
+
+  def distill_losses(actor_params, learner_net_params,
+                     batch: types.Batch) -> tuple[Array, Metrics]:
+    teacher = jax.lax.stop_gradient(learner_forward(learner_net_params, batch))
+    mask = _unroll_view(batch, ctx, unroll, cfg.discount).mask
+    return distillation(teacher, lstm_forward(actor_params, batch), mask)
 
   # ---- init -------------------------------------------------------------------
 

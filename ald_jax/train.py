@@ -205,9 +205,7 @@ def _build(cls, values: dict) -> Any:
       continue
     value = values[field.name]
     if isinstance(value, dict):
-      default = getattr(cls(), field.name) if field.default is dataclasses.MISSING \
-          else field.default
-      value = _build(type(default), value)
+      value = _build(type(field.default), value)  # every field has a default
     kwargs[field.name] = value
   return cls(**kwargs)
 
@@ -245,8 +243,7 @@ def _name_flag(message: str) -> str:
   """Rewrites 'learner.gtrxl.num_layers: ...' as '--gtrxl_num_layers: ...'."""
   field, _, rest = message.partition(": ")
   for path, flag in _BY_PATH.items():
-    if path == field or path.endswith("." + field) or path.split(
-        ".", 1)[-1] == field:
+    if path == field or path.endswith("." + field):
       return f"--{flag.name}: {rest}"
   return message
 

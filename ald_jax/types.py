@@ -17,7 +17,6 @@ from typing import Any, NamedTuple
 
 import chex
 import flax.struct
-import jax.numpy as jnp
 import numpy as np
 
 Array = chex.Array
@@ -108,7 +107,3 @@ def zeros_batch(batch_size: int, sequence_length: int,
       behaviour_logits=np.zeros((b, length, num_actions), np.float32),
       actor_state=actor_state,
   )
-
-
-def is_first(step_type: Array) -> Array:
-  return jnp.equal(step_type, FIRST)

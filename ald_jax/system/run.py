@@ -185,10 +185,15 @@ def train(config: config_lib.TrainConfig,
   state = jax.device_put(state, learner_device)
   _write_config(run_dir, cfg, env_info)
 
+  # One jitted call copies the actor parameters out of the (donated) learner
+  # state: fresh buffers the actors may keep, without a host round-trip per
+  # leaf on the learner thread.
+  copy_actor_params = jax.jit(lambda s: jax.tree_util.tree_map(
+      jnp.copy, learner.actor_params(s)))
   core = learner.actor_core
   cores = actor_lib.assign_cores(cfg.num_actors, reserve_for_learner=1)
   calibration = actor_lib.calibrate_core(
-      core, params_lib.host_copy(learner.actor_params(state)),
+      core, copy_actor_params(state),
       env_info.obs_shape, cfg.envs_per_actor, budget_ms=cfg.t_actor_budget_ms,
       policy=cfg.t_actor_policy, num_calls=cfg.calibration_steps,
       cores=cores.actors[0], seed=cfg.seed)
@@ -211,11 +216,6 @@ def train(config: config_lib.TrainConfig,
   writer = metrics_lib.MetricsWriter(
       run_dir, resume=cfg.resume,
       keep_until=("env_steps", counters["env_steps"]) if cfg.resume else None)
-  # One jitted call copies the actor parameters out of the (donated) learner
-  # state: fresh buffers the actors may keep, without a host round-trip per
-  # leaf on the learner thread.
-  copy_actor_params = jax.jit(lambda s: jax.tree_util.tree_map(
-      jnp.copy, learner.actor_params(s)))
   slot.publish(copy_actor_params(state), copy_to_host=False)
 
   actors = [
@@ -299,7 +299,8 @@ def train(config: config_lib.TrainConfig,
         if unroll is None:
           break
         batcher.add(unroll)
-        replay.add(unroll)
+        if cfg.distill_steps_per_rl_step > 0:  # replay feeds distill-only steps
+          replay.add(unroll)
         batch = batcher.pop_batch()
         while batch is not None and not stop_event.is_set():
           with phases.phase("step"):

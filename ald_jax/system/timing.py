@@ -19,7 +19,7 @@ from absl import logging
 import jax
 import numpy as np
 
-T_ACTOR_POLICIES = ("refuse", "warn")
+from ald_jax.config import T_ACTOR_POLICIES
 
 
 class TActorBudgetError(RuntimeError):
