@@ -61,7 +61,7 @@ class ActorCore(NamedTuple):
   # (params, observation [E,*obs], step_type [E], state, rng) ->
   #     (action [E] int32, logits [E,A], new_state)
   step: Callable[..., tuple[Array, Array, Any]]
-  # Recurrent state -> what is stored in Batch.actor_state at unroll start.
+  # Recurrent state -> what is stored in Batch.actor_state (row start).
   recorded_state: Callable[[Any], Any]
 
 
@@ -151,10 +151,11 @@ def make_learner(config: config_lib.LearnerConfig,
   # ---- forward passes over the T+1 unroll steps of a batch --------------
 
   def lstm_forward(params, batch: types.Batch) -> types.AgentOutput:
-    # The LSTM starts from the actor's recorded state at unroll start.
-    out, _ = lstm_net.apply(params, batch.observation[:, ctx:],
-                            batch.step_type[:, ctx:], batch.actor_state)
-    return out
+    # The LSTM starts from the actor's recorded state at the row's first step
+    # and runs over the whole row: gradients reach C + T steps back.
+    out, _ = lstm_net.apply(params, batch.observation, batch.step_type,
+                            batch.actor_state)
+    return jax.tree_util.tree_map(lambda x: x[:, ctx:], out)
 
   def gtrxl_forward(params, batch: types.Batch) -> types.AgentOutput:
     # The transformer reads the context prefix as stop-gradient memory.
@@ -281,7 +282,7 @@ def make_learner(config: config_lib.LearnerConfig,
     rng, lstm_key, gtrxl_key, actor_key = jax.random.split(rng, 4)
     obs, step_type = batch.observation[:1], batch.step_type[:1]
     init_lstm = lambda key: lstm_net.init(
-        key, obs[:, ctx:], step_type[:, ctx:], lstm_net.initial_state(1))
+        key, obs, step_type, lstm_net.initial_state(1))
     init_gtrxl = lambda key: gtrxl_net.init(key, obs, step_type,
                                             num_memory_steps=ctx)
     if cfg.agent in ("ald", "transformer"):

@@ -10,6 +10,13 @@ A batch row holds `C + T + 1` steps: a context prefix of C earlier steps of
 the same stream (transformer memory; zeros with step_type MID where the stream
 had not started yet: attention never crosses the FIRST step that follows),
 the T steps the losses cover, and one bootstrap step.
+
+`actor_state` is the actor's recurrent state before the row's *first* step
+(position 0, stream step k*T - C): the LSTM is re-run over the whole row, so
+gradients can teach it to remember across the context as well as the unroll.
+Rows built by the system also carry `stream_id` (which environment stream)
+and `unroll_index` (k, counting the stream's unrolls from 0); the learner's
+segment memory uses them. Both are optional (None) for plain batches.
 """
 from __future__ import annotations
 
@@ -46,9 +53,12 @@ class Batch:
   discount: Array          # [B, L] float32 (environment discount, 0 at a terminal)
   step_type: Array         # [B, L] int32: FIRST / MID / LAST
   behaviour_logits: Array  # [B, L, A] float32, the actor's logits when acting
-  # The actor's recurrent state before step C (the first unroll step). Any
-  # pytree with leading dimension B; an LSTMState for LSTM actors.
+  # The actor's recurrent state before position 0 of the row (the first
+  # context step). Any pytree with leading dimension B; an LSTMState for LSTM
+  # actors (zeros where the stream had not started yet).
   actor_state: Any
+  stream_id: Array | None = None     # [B] int32, which environment stream
+  unroll_index: Array | None = None  # [B] int32, k: the stream's k-th unroll
 
   @property
   def batch_size(self) -> int:

@@ -183,8 +183,12 @@ def test_unroll_layout_padding_overlap_and_state():
     b.validate(context=context, unroll=unroll, num_actions=NUM_ACTIONS,
                obs_shape=(OBS_DIM,))
     assert b.batch_size == e
-    # Recorded state before unroll step 0 = steps acted so far = k*T.
-    np.testing.assert_array_equal(b.actor_state, np.full(e, k * unroll))
+    # Recorded state before the row's first step = steps acted before stream
+    # step k*T - C (the initial 0 before the stream started).
+    np.testing.assert_array_equal(b.actor_state,
+                                  np.full(e, max(0, k * unroll - context)))
+    np.testing.assert_array_equal(b.stream_id, np.arange(e))
+    np.testing.assert_array_equal(b.unroll_index, np.full(e, k))
     for p in range(length):
       s = k * unroll - context + p  # stream step of position p
       if s < 0:  # zero padding with step_type MID before the stream

@@ -10,7 +10,10 @@ one bootstrap step. Unroll k of a stream covers stream steps
 [k*T - C, k*T + T]; consecutive unrolls overlap, the bootstrap step of unroll k
 being the first unroll step of unroll k+1. Context steps before the stream's
 first step are zeros with step_type MID. `actor_state` is the actor's recorded
-recurrent state *before* unroll step 0 (stream step k*T).
+recurrent state *before the row's first step* (position 0, stream step
+k*T - C; the initial state where that is before the stream started), so the
+learner can re-run the actor over the whole row. Each row also carries its
+`stream_id` (stream_offset + env index) and `unroll_index` k.
 
 Parameters are refreshed at unroll boundaries, before acting on the shared
 step that is the bootstrap step of unroll k and step 0 of unroll k+1: all T
@@ -212,13 +215,15 @@ class _Window:
     self.action[:, t] = action
     self.behaviour_logits[:, t] = logits
 
-  def emit(self, actor_state: Any) -> types.Batch:
+  def emit(self, actor_state: Any, stream_id: np.ndarray,
+           unroll_index: int) -> types.Batch:
     return types.Batch(
         observation=self.observation.copy(), action=self.action.copy(),
         reward=self.reward.copy(), discount=self.discount.copy(),
         step_type=self.step_type.copy(),
         behaviour_logits=self.behaviour_logits.copy(),
-        actor_state=actor_state)
+        actor_state=actor_state, stream_id=stream_id.copy(),
+        unroll_index=np.full(stream_id.shape, unroll_index, np.int32))
 
   def shift(self) -> None:
     """Keeps the last C+1 steps as the next unroll's context + step 0."""
@@ -244,6 +249,7 @@ class ActorThread(threading.Thread):
     seed: seeds this actor's action-sampling key.
     cores: core set to pin to (None: no pinning).
     t_actor_budget_ms: budget for the overrun count (None: no budget).
+    stream_offset: stream id of this actor's env 0 (None: actor_id * E).
     params_timeout_s: how long to wait for the first parameters.
   """
 
@@ -254,6 +260,7 @@ class ActorThread(threading.Thread):
                context_length: int, seed: int,
                cores: Collection[int] | None = None,
                t_actor_budget_ms: float | None = None,
+               stream_offset: int | None = None,
                params_timeout_s: float = 600.0, poll_s: float = 0.1,
                latency_capacity: int = 1 << 16,
                max_pending_episodes: int = 100_000):
@@ -272,6 +279,7 @@ class ActorThread(threading.Thread):
     self._unroll = unroll_length
     self._context = context_length
     self._seed = seed
+    self._stream_offset = stream_offset
     self.cores = None if cores is None else frozenset(cores)
     self._params_timeout_s = params_timeout_s
     self._poll_s = poll_s
@@ -402,7 +410,16 @@ class ActorThread(threading.Thread):
     key = jax.device_put(jax.random.key(self._seed), cpu)
     timestep = env.reset()
     window = None
-    unroll_start_state, unroll_version = None, 0
+    unroll_version = 0
+    stream_id = (np.arange(num_envs, dtype=np.int32) +
+                 (self.actor_id * num_envs if self._stream_offset is None
+                  else self._stream_offset))
+    unroll_index = 0
+    # States before each of the last C+T+1 steps (device arrays, no copies):
+    # the oldest is the state before the next row's first step. Positions
+    # before the stream started hold the initial state.
+    states_before = collections.deque([state] * self._context,
+                                      maxlen=self._context + self._unroll + 1)
     j = 0  # index in the current unroll of the step about to be acted on
     # Acting time starts after the first (compiling) call; the wait for the
     # first parameters is kept apart (startup, not acting).
@@ -413,7 +430,7 @@ class ActorThread(threading.Thread):
       if boundary:
         params = self._refresh_params(params, cpu)
         boundary_version = self._params_version
-        boundary_state = jax.device_get(core.recorded_state(state))
+      states_before.append(state)
 
       start_ns = time.perf_counter_ns()
       out = act(params, timestep.observation, timestep.step_type, state, key)
@@ -437,11 +454,15 @@ class ActorThread(threading.Thread):
 
       window.write(j, timestep, action, logits)
       if j == self._unroll:
-        if not self._push(window.emit(unroll_start_state), unroll_version):
+        row_start_state = jax.device_get(core.recorded_state(
+            states_before[0]))
+        unroll = window.emit(row_start_state, stream_id, unroll_index)
+        if not self._push(unroll, unroll_version):
           return  # stopped while the queue was full
+        unroll_index += 1
         window.shift()
       if boundary:
-        unroll_start_state, unroll_version = boundary_state, boundary_version
+        unroll_version = boundary_version
         j = 1
       else:
         j += 1
