@@ -109,8 +109,8 @@ def test_vmpo_hand_values_eta_two():
   np.testing.assert_allclose(extras["temperature_loss"], temperature,
                              rtol=1e-5)
   # A larger eta flattens psi: the ESS grows toward the 2 selected.
-  np.testing.assert_allclose(extras["ess"], (w0 + w2) ** 2 / (w0 ** 2 + w2 ** 2),
-                             rtol=1e-5)
+  np.testing.assert_allclose(extras["ess"],
+                             (w0 + w2) ** 2 / (w0 ** 2 + w2 ** 2), rtol=1e-5)
 
 
 def test_vmpo_hand_values_masked():
@@ -644,7 +644,7 @@ def test_nstep_targets_match_numpy_loop(lambda_):
     np.testing.assert_allclose(advantages[row], adv, rtol=1e-5, atol=1e-5)
 
 
-# ---------------------------------------------------------- actor_critic_loss --
+# -------------------------------------------------------- actor_critic_loss --
 
 _AC_LOSS_ARGS = dict(_EPS, value_cost=0.5, value_target="vtrace",
                      **_AC_HYPER)

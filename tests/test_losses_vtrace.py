@@ -356,7 +356,7 @@ def test_actor_critic_loss_rejects_bad_shapes():
                   mask=f32([1.0, 1.0]))
 
 
-# ----------------------------------------------- batch-level actor_critic_loss --
+# --------------------------------------------- batch-level actor_critic_loss --
 
 
 def _batch(rows, masks):

@@ -7,11 +7,12 @@ returns one scalar loss over the whole batch (the E-step's top-k selection and
 the temperature's softmax are batch-wide):
 
 * advantages and value targets (stop-gradient), with V(s_t) = values[:, t]:
-  - value_target="vtrace": targets are V-trace `vs` (lambda_, clip_rho_threshold;
-    rho = pi_L(a) / pi_A(a) from learner and behaviour logits), and the
-    advantage is V-trace's policy-gradient form WITHOUT its rho factor,
-    A_t = r_t + discount_t * vs_{t+1} - V(s_t), vs_T = values[:, T]. (Not
-    vs_t - V(s_t): that is scaled by min(1, rho_t) through the first TD term.)
+  - value_target="vtrace": targets are V-trace `vs` (lambda_,
+    clip_rho_threshold; rho = pi_L(a) / pi_A(a) from learner and behaviour
+    logits), and the advantage is V-trace's policy-gradient form WITHOUT its
+    rho factor, A_t = r_t + discount_t * vs_{t+1} - V(s_t), vs_T = values[:, T]
+    (not vs_t - V(s_t), which the first TD term scales by min(1, rho_t)). So
+    there is no clip_pg_rho_threshold.
   - value_target="nstep": targets are lambda-returns G_t, A_t = G_t - V(s_t).
 * value loss: value_cost * masked_mean(0.5 * (target - V)^2).
 * `vmpo_loss`, the policy and dual terms:
