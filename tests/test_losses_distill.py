@@ -1,5 +1,8 @@
 """Tests for ald_jax.losses.distill and the KL/entropy helpers in common."""
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -142,17 +145,54 @@ def test_policy_distillation_gradient_is_analytic():
       atol=1e-7)
 
 
-def test_learner_pull_is_roles_swapped():
-  """beta * KL(sg[pi_A] || pi_L): teacher = actor, student = learner."""
-  actor, learner = _random_logits(11), _random_logits(12)
-  pull = policy_distillation(actor, learner)
-  np.testing.assert_allclose(pull, common.categorical_kl(actor, learner),
+def test_learner_pull_is_roles_swapped_hand_values():
+  """beta * KL(sg[pi_A] || pi_L): teacher = actor, student = learner.
+
+  Actor pi_A = [0.75, 0.25], learner pi_L = [0.5, 0.5] at step 0, swapped at
+  step 1 (pi_A uniform, pi_L = [0.75, 0.25]).
+  """
+  actor = f32([[math.log(3.0), 0.0], [0.0, 0.0]])
+  learner = f32([[0.0, 0.0], [math.log(3.0), 0.0]])
+  # Pull: KL(pi_A || pi_L) = [.75 ln(.75/.5) + .25 ln(.25/.5),
+  #                            .5 ln(.5/.75) + .5 ln(.5/.25)]
+  #                        = [.75 ln 1.5 - .25 ln 2, .5 ln(4/3)].
+  pull = [0.75 * math.log(1.5) - 0.25 * math.log(2.0),
+          0.5 * math.log(4.0 / 3.0)]
+  np.testing.assert_allclose(policy_distillation(actor, learner), pull,
                              rtol=1e-6)
-  # KL is asymmetric, so the role order matters.
-  assert not np.allclose(pull, policy_distillation(learner, actor))
-  g_actor = jax.grad(
-      lambda a: distill.policy_distillation(a, learner).sum())(actor)
+  # The other direction is the actor's distillation KL(pi_L || pi_A): a
+  # different number at each step (KL is asymmetric).
+  np.testing.assert_allclose(policy_distillation(learner, actor), pull[::-1],
+                             rtol=1e-6)
+  # Gradients: only the learner (student) gets one,
+  # d/d learner_logits = softmax(learner) - softmax(actor)
+  #                    = [[.5 - .75, .5 - .25], [.75 - .5, .25 - .5]].
+  g_actor, g_learner = jax.grad(
+      lambda a, l: distill.policy_distillation(a, l).sum(), argnums=(0, 1))(
+          actor, learner)
   np.testing.assert_array_equal(g_actor, 0.0)
+  np.testing.assert_allclose(g_learner, [[-0.25, 0.25], [0.25, -0.25]],
+                             rtol=1e-6)
+
+
+def test_distillation_batch_hand_values():
+  """The learner's use: vmap over rows, then a masked mean over valid steps.
+
+  Two rows of two steps, step 1 of row 1 masked (its garbage must not count).
+  Teacher pi_L = [0.75, 0.25] everywhere, student uniform: KL(pi_L || pi_A)
+  = .75 ln 1.5 + .25 ln .5 per valid step. Values: teacher [1, 2], student
+  [0, 0] in row 0 and [3, 99] in row 1: 0.5*(1, 4, 4) over the 3 valid steps.
+  """
+  teacher = jnp.tile(f32([math.log(3.0), 0.0]), (2, 2, 1))
+  student = jnp.zeros((2, 2, 2), jnp.float32).at[1, 1].set(f32([50.0, -50.0]))
+  mask = f32([[1.0, 1.0], [1.0, 0.0]])
+  kl = common.masked_mean(
+      jax.vmap(distill.policy_distillation)(teacher, student), mask)
+  np.testing.assert_allclose(
+      kl, 0.75 * math.log(1.5) + 0.25 * math.log(0.5), rtol=1e-6)
+  value = common.masked_mean(jax.vmap(distill.value_distillation)(
+      f32([[1.0, 2.0], [1.0, 2.0]]), f32([[0.0, 0.0], [3.0, 99.0]])), mask)
+  np.testing.assert_allclose(value, 0.5 * (1 + 4 + 4) / 3, rtol=1e-6)
 
 
 def test_distillation_rejects_bad_inputs():
@@ -163,3 +203,23 @@ def test_distillation_rejects_bad_inputs():
   with pytest.raises(AssertionError):
     distill.policy_distillation(jnp.zeros((3, 4), jnp.int32),
                                 jnp.zeros((3, 4), jnp.int32))
+
+
+# The checkout under test, so the subprocess imports the same `ald_jax`.
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_losses_do_not_import_config():
+  """Loss functions take scalars (rlax style): `losses/` never loads config.
+
+  In a fresh interpreter, since this test session may have imported it.
+  """
+  code = ("import sys\n"
+          "import ald_jax.losses.common, ald_jax.losses.distill\n"
+          "import ald_jax.losses.vmpo, ald_jax.losses.vtrace\n"
+          "sys.exit('ald_jax.config' in sys.modules)\n")
+  result = subprocess.run([sys.executable, "-c", code], check=False,
+                          capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu",
+                               "PYTHONPATH": _REPO_ROOT})
+  assert result.returncode == 0, result.stderr or "ald_jax.config imported"

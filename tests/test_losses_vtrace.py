@@ -3,6 +3,7 @@
 Oracles: arithmetic worked out by hand (written next to each expectation) and
 rlax (a test-only dependency) on random inputs.
 """
+import functools
 import math
 
 import jax
@@ -11,7 +12,6 @@ import numpy as np
 import pytest
 import rlax
 
-from ald_jax.config import VTraceConfig
 from ald_jax.losses import common
 from ald_jax.losses import vtrace
 
@@ -20,8 +20,12 @@ f32 = lambda x: jnp.asarray(x, jnp.float32)
 # Jitted once per shape: eager op-by-op dispatch of scans and gradients is far
 # slower to compile on a small shared CPU than one jitted call.
 vtrace_returns = jax.jit(vtrace.vtrace_returns)
-actor_critic_loss = jax.jit(vtrace.vtrace_actor_critic_loss,
-                            static_argnames="config")
+# The defaults of VTraceConfig; the losses take them as keyword scalars.
+_HYPER = dict(baseline_cost=0.5, entropy_cost=0.01, lambda_=1.0,
+              clip_rho_threshold=1.0, clip_pg_rho_threshold=1.0)
+per_step_loss = jax.jit(functools.partial(vtrace.vtrace_actor_critic_loss,
+                                          **_HYPER))
+batch_loss = jax.jit(functools.partial(vtrace.actor_critic_loss, **_HYPER))
 lambda_returns = jax.jit(common.lambda_returns,
                          static_argnames="stop_target_gradients")
 rlax_vtrace = jax.jit(rlax.vtrace_td_error_and_advantage)
@@ -265,9 +269,7 @@ def _ac_example():
 
 
 def test_actor_critic_loss_hand_values():
-  config = VTraceConfig(baseline_cost=0.5, entropy_cost=0.01)
-  loss, extras = actor_critic_loss(
-      **_ac_example(), mask=f32([1.0, 1.0]), config=config)
+  loss, extras = per_step_loss(**_ac_example(), mask=f32([1.0, 1.0]))
   ln2 = math.log(2.0)
   # td1 = 1*(1 + 0 - 2) = -1 -> vs1 = 1; td0 = (2/3)*(1 + 0.5*2 - 1) = 2/3,
   # vs0 - v0 = 2/3 + 0.5*(2/3)*(-1) = 1/3 -> vs0 = 4/3.
@@ -275,6 +277,8 @@ def test_actor_critic_loss_hand_values():
   # pg = -adv * log 0.5 = [ln2/3, -ln2]; value = 0.5*(vs - v)^2 = [1/18, 1/2].
   np.testing.assert_allclose(extras["rho"], [2 / 3, 2.0], rtol=1e-6)
   np.testing.assert_allclose(extras["vs"], [4 / 3, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(extras["pg_advantages"], [1 / 3, -1.0],
+                             rtol=1e-6)
   np.testing.assert_allclose(extras["pg_loss"], [ln2 / 3, -ln2], rtol=1e-6)
   np.testing.assert_allclose(extras["value_loss"], [1 / 18, 0.5], rtol=1e-6)
   np.testing.assert_allclose(extras["entropy"], [ln2, ln2], rtol=1e-6)
@@ -283,9 +287,7 @@ def test_actor_critic_loss_hand_values():
 
 
 def test_actor_critic_loss_hand_values_masked():
-  config = VTraceConfig(baseline_cost=0.5, entropy_cost=0.01)
-  loss, extras = actor_critic_loss(
-      **_ac_example(), mask=f32([1.0, 0.0]), config=config)
+  loss, extras = per_step_loss(**_ac_example(), mask=f32([1.0, 0.0]))
   ln2 = math.log(2.0)
   # Step 1 masked: vs1 = v1 = 2; vs0 - v0 = 2/3 -> 5/3;
   # adv0 = (2/3)*(1 + 0.5*2 - 1) = 2/3 -> pg0 = (2/3) ln2; value0 = 0.5*(2/3)^2.
@@ -309,13 +311,12 @@ def _random_ac_inputs(seed, t=7, a=4):
 def test_actor_critic_loss_gradient_isolation():
   inputs = _random_ac_inputs(6)
   mask = f32([1, 1, 1, 0, 1, 1, 1])
-  config = VTraceConfig()
 
   def terms(learner_logits, behaviour_logits, values):
     _, extras = vtrace.vtrace_actor_critic_loss(
         **{**inputs, "learner_logits": learner_logits,
            "behaviour_logits": behaviour_logits, "values": values},
-        mask=mask, config=config)
+        mask=mask, **_HYPER)
     return {name: jnp.sum(extras[name])
             for name in ("pg_loss", "entropy", "value_loss")}
 
@@ -332,8 +333,7 @@ def test_actor_critic_loss_gradient_isolation():
   # The value term is a semi-gradient toward fixed targets:
   # d/dv_t 0.5*(vs_t - v_t)^2 = v_t - vs_t on valid steps, 0 elsewhere and at
   # the bootstrap value.
-  _, extras = actor_critic_loss(**inputs, mask=mask,
-                                              config=config)
+  _, extras = per_step_loss(**inputs, mask=mask)
   grad_v = jacobian["value_loss"][2]
   expected = jnp.append((inputs["values"][:-1] - extras["vs"]) * mask, 0.0)
   np.testing.assert_allclose(grad_v, expected, rtol=1e-5, atol=1e-6)
@@ -341,32 +341,87 @@ def test_actor_critic_loss_gradient_isolation():
   grad_l = jacobian["pg_loss"][0]
   pi = jax.nn.softmax(inputs["learner_logits"])
   onehot = jax.nn.one_hot(inputs["actions"], 4)
-  adv = -extras["pg_loss"] / common.log_prob(inputs["learner_logits"],
-                                             inputs["actions"])
+  adv = extras["pg_advantages"] * mask
   np.testing.assert_allclose(grad_l, -adv[:, None] * (onehot - pi), rtol=1e-4,
                              atol=1e-6)
-
-
-def test_actor_critic_loss_vmaps_and_jits():
-  rows = [_random_ac_inputs(seed) for seed in (7, 8, 9)]
-  batch = jax.tree.map(lambda *x: jnp.stack(x), *rows)
-  mask = jnp.ones((3, 7))
-  fn = jax.jit(jax.vmap(
-      lambda b, m: vtrace.vtrace_actor_critic_loss(**b, mask=m,
-                                                   config=VTraceConfig())))
-  loss, extras = fn(batch, mask)
-  assert loss.shape == (3, 7) and extras["vs"].shape == (3, 7)
-  single, _ = actor_critic_loss(**rows[1], mask=mask[1], config=VTraceConfig())
-  np.testing.assert_allclose(loss[1], single, rtol=1e-5, atol=1e-6)
 
 
 def test_actor_critic_loss_rejects_bad_shapes():
   inputs = _ac_example()
   with pytest.raises(AssertionError):
-    actor_critic_loss(
-        **{**inputs, "values": f32([1.0, 2.0])}, mask=f32([1.0, 1.0]),
-        config=VTraceConfig())
+    per_step_loss(**{**inputs, "values": f32([1.0, 2.0])},
+                  mask=f32([1.0, 1.0]))
   with pytest.raises(AssertionError):
-    actor_critic_loss(
-        **{**inputs, "actions": jnp.asarray([0.0, 1.0])}, mask=f32([1.0, 1.0]),
-        config=VTraceConfig())
+    per_step_loss(**{**inputs, "actions": jnp.asarray([0.0, 1.0])},
+                  mask=f32([1.0, 1.0]))
+
+
+# --------------------------------------------- batch-level actor_critic_loss --
+
+
+def _batch(rows, masks):
+  stacked = jax.tree.map(lambda *x: jnp.stack(x), *rows)
+  return common.ActorCriticInputs(mask=f32(masks), **stacked)
+
+
+def test_batch_loss_hand_values():
+  """Two rows of the hand example: one fully valid, one with step 1 masked.
+
+  Valid steps: row 0 steps 0, 1 and row 1 step 0 (3 in all). From the two
+  hand tests above (ln2 = log 2):
+    pg:      ln2/3, -ln2, 2/3 ln2          -> policy_loss = 0
+    value:   1/18, 1/2, 2/9 (x0.5 cost)    -> value_loss = 0.5 * 7/9 / 3
+    entropy: ln2 each                      -> entropy = ln2
+    adv:     1/3, -1, 2/3                  -> advantage_mean = 0
+    rho:     2/3, 2, 2/3                   -> rho_mean = 10/9
+  """
+  ln2 = math.log(2.0)
+  inputs = _batch([_ac_example(), _ac_example()], [[1, 1], [1, 0]])
+  loss, metrics = batch_loss(inputs)
+  np.testing.assert_allclose(metrics["policy_loss"], 0.0, atol=1e-7)
+  np.testing.assert_allclose(metrics["value_loss"], 0.5 * 7 / 27, rtol=1e-6)
+  np.testing.assert_allclose(metrics["entropy"], ln2, rtol=1e-6)
+  np.testing.assert_allclose(metrics["advantage_mean"], 0.0, atol=1e-7)
+  np.testing.assert_allclose(metrics["rho_mean"], 10 / 9, rtol=1e-6)
+  np.testing.assert_allclose(metrics["vs_mean"], (4 / 3 + 1 + 5 / 3) / 3,
+                             rtol=1e-6)
+  np.testing.assert_allclose(loss, 0.5 * 7 / 27 - 0.01 * ln2, rtol=1e-6)
+  np.testing.assert_allclose(
+      loss, metrics["policy_loss"] + metrics["value_loss"]
+      - 0.01 * metrics["entropy"], rtol=1e-6)
+
+
+def test_batch_loss_is_masked_mean_of_per_step_loss():
+  rows = [_random_ac_inputs(seed) for seed in (7, 8, 9)]
+  masks = [[1] * 7, [1, 1, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]]
+  inputs = _batch(rows, masks)
+  loss, _ = batch_loss(inputs)
+  per_step = [np.asarray(per_step_loss(**row, mask=f32(m))[0])
+              for row, m in zip(rows, masks)]
+  expected = np.sum(per_step) / np.sum(masks)
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+
+
+def test_batch_loss_honours_hyper_parameters():
+  """lambda_ and both clips reach the targets (they change the loss)."""
+  inputs = _batch([_random_ac_inputs(10), _random_ac_inputs(11)],
+                  [[1] * 7, [1] * 7])
+  base, _ = batch_loss(inputs)
+  for name, value in (("lambda_", 0.5), ("clip_rho_threshold", 2.0),
+                      ("clip_pg_rho_threshold", 0.3)):
+    changed, _ = vtrace.actor_critic_loss(inputs, **{**_HYPER, name: value})
+    assert not np.allclose(changed, base, rtol=1e-4), name
+
+
+def test_batch_loss_rejects_bad_inputs_naming_the_field():
+  inputs = _batch([_ac_example()], [[1, 1]])
+  with pytest.raises(ValueError, match="inputs.values"):
+    vtrace.actor_critic_loss(inputs._replace(values=inputs.values[:, :2]),
+                             **_HYPER)
+  with pytest.raises(ValueError, match="inputs.actions must be int32"):
+    vtrace.actor_critic_loss(
+        inputs._replace(actions=inputs.actions.astype(jnp.float32)), **_HYPER)
+  with pytest.raises(ValueError, match="inputs.mask"):
+    vtrace.actor_critic_loss(inputs._replace(mask=inputs.mask[0]), **_HYPER)
+  with pytest.raises(TypeError, match="ActorCriticInputs"):
+    vtrace.actor_critic_loss(tuple(inputs), **_HYPER)

@@ -1,15 +1,64 @@
 """Small numeric building blocks shared by the RL and distillation losses.
 
 Everything here is pure and float32. Per-step functions take `[T]` arrays (one
-unroll, rlax style); callers `jax.vmap` over the batch.
+unroll, rlax style); callers `jax.vmap` over the batch. `ActorCriticInputs` is
+the one batch-level `[B, T]` input both RL losses (`vtrace.actor_critic_loss`,
+`vmpo.actor_critic_loss`) take.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
 
 Array = chex.Array
+
+
+class ActorCriticInputs(NamedTuple):
+  """One batch of B unrolls of T steps, time-aligned for an RL loss.
+
+  Index t is the transition taken by `actions[:, t]`.
+  """
+  learner_logits: Array    # [B, T, A] f32, the policy being trained
+  behaviour_logits: Array  # [B, T, A] f32, the policy that acted
+  actions: Array           # [B, T] int32
+  values: Array            # [B, T + 1] f32 learner values at steps 0..T;
+                           # values[:, T] bootstraps
+  rewards: Array           # [B, T] f32, reward following action t
+  discounts: Array         # [B, T] f32, gamma * env discount of step t + 1,
+                           # already 0 where masked
+  mask: Array              # [B, T] f32, 1 where the action at t was real
+                           # (0 for an action taken at a LAST step)
+
+
+def assert_actor_critic_inputs(inputs: ActorCriticInputs) -> None:
+  """Shapes and dtypes of `ActorCriticInputs`; raises naming the field."""
+  if not isinstance(inputs, ActorCriticInputs):
+    raise TypeError(
+        f"inputs must be an ActorCriticInputs, got {type(inputs).__name__}")
+  actions = inputs.actions
+  if actions.ndim != 2:
+    raise ValueError(f"inputs.actions must be [B, T], got {actions.shape}")
+  b, t = actions.shape
+  logits_shape = inputs.learner_logits.shape
+  expected = dict(
+      learner_logits=(b, t, logits_shape[-1] if logits_shape else 0),
+      values=(b, t + 1), rewards=(b, t), discounts=(b, t), mask=(b, t))
+  expected["behaviour_logits"] = expected["learner_logits"]
+  for name, shape in expected.items():
+    got = getattr(inputs, name).shape
+    if tuple(got) != shape:
+      raise ValueError(f"inputs.{name} must have shape {shape} (B={b}, T={t}),"
+                       f" got {tuple(got)}")
+  if actions.dtype != jnp.int32:
+    raise ValueError(f"inputs.actions must be int32, got {actions.dtype}")
+  for name in ("learner_logits", "behaviour_logits", "values", "rewards",
+               "discounts", "mask"):
+    dtype = getattr(inputs, name).dtype
+    if dtype != jnp.float32:
+      raise ValueError(f"inputs.{name} must be float32, got {dtype}")
 
 
 def masked_mean(x: Array, mask: Array) -> Array:

@@ -1,9 +1,11 @@
 """V-trace targets and the IMPALA actor-critic loss (Espeholt et al. 2018).
 
-Per-step functions over one unroll of T transitions (callers `jax.vmap` over
-the batch). Index t is the transition taken by `action[t]`: `v_tm1[t]` is the
-value of the state the action was taken in, `r_t[t]` / `discount_t[t]` follow
-the action, `v_t[t]` is the value of the next state (`v_t[-1]` bootstraps).
+Per-step functions over one unroll of T transitions (rlax style: `[T]` arrays,
+hyper-parameters as scalar keyword arguments); `actor_critic_loss` is the
+batch-level loss over `common.ActorCriticInputs` (vmap, then a masked mean).
+Index t is the transition taken by `action[t]`: `v_tm1[t]` is the value of the
+state the action was taken in, `r_t[t]` / `discount_t[t]` follow the action,
+`v_t[t]` is the value of the next state (`v_t[-1]` bootstraps).
 
 Masking. `mask[t] = 0` marks a transition whose action was taken at a LAST step
 (the environment ignored it). Such a step is made inert by treating it as
@@ -25,13 +27,13 @@ Conventions versus rlax (checked in tests/test_losses_vtrace.py):
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
 
-from ald_jax.config import VTraceConfig
 from ald_jax.losses import common
 
 Array = chex.Array
@@ -88,8 +90,10 @@ def vtrace_returns(v_tm1: Array, v_t: Array, r_t: Array, discount_t: Array,
 
 def vtrace_actor_critic_loss(
     learner_logits: Array, behaviour_logits: Array, actions: Array,
-    values: Array, rewards: Array, discounts: Array, mask: Array,
-    config: VTraceConfig) -> tuple[Array, dict[str, Array]]:
+    values: Array, rewards: Array, discounts: Array, mask: Array, *,
+    baseline_cost: float, entropy_cost: float, lambda_: float,
+    clip_rho_threshold: float,
+    clip_pg_rho_threshold: float) -> tuple[Array, dict[str, Array]]:
   """IMPALA actor-critic loss per step of one unroll.
 
   Args:
@@ -100,15 +104,18 @@ def vtrace_actor_critic_loss(
     rewards: [T] reward following action t.
     discounts: [T] gamma * environment discount of step t + 1.
     mask: [T] 1 for a valid step, 0 for an action taken at a LAST step.
-    config: baseline/entropy costs, rho clips and lambda.
+    baseline_cost: weight of the value term.
+    entropy_cost: weight of the entropy bonus.
+    lambda_, clip_rho_threshold, clip_pg_rho_threshold: see `vtrace_returns`.
 
   Returns:
     `per_step_loss [T]` = pg + baseline_cost * 0.5 * (vs - v)^2
     - entropy_cost * entropy, zero at masked steps (the caller takes
-    `masked_mean`), and extras of `[T]` arrays: pg_loss, value_loss, entropy
-    (each zero at masked steps), vs (the targets) and rho (pi/mu of the taken
-    action). Gradients: the pg and entropy terms reach `learner_logits` only,
-    the value term `values` only; `behaviour_logits` get none.
+    `masked_mean`), and extras of `[T]` arrays: pg_loss, value_loss (unweighted
+    0.5 * (vs - v)^2), entropy (each zero at masked steps), vs (the targets),
+    pg_advantages and rho (pi/mu of the taken action). Gradients: the pg and
+    entropy terms reach `learner_logits` only, the value term `values` only;
+    `behaviour_logits` get none.
   """
   chex.assert_rank([learner_logits, behaviour_logits, actions, values, rewards,
                     discounts, mask], [2, 2, 1, 1, 1, 1, 1])
@@ -121,20 +128,66 @@ def vtrace_actor_critic_loss(
   chex.assert_shape(values, (actions.shape[0] + 1,))
 
   log_pi = common.log_prob(learner_logits, actions)
-  log_mu = common.log_prob(jax.lax.stop_gradient(behaviour_logits), actions)
-  rho = jnp.exp(jax.lax.stop_gradient(log_pi) - log_mu)
+  rho = importance_weights(learner_logits, behaviour_logits, actions)
   targets = vtrace_returns(
       v_tm1=values[:-1], v_t=values[1:], r_t=rewards, discount_t=discounts,
-      rho_tm1=rho, mask=mask, lambda_=config.lambda_,
-      clip_rho_threshold=config.clip_rho_threshold,
-      clip_pg_rho_threshold=config.clip_pg_rho_threshold)
+      rho_tm1=rho, mask=mask, lambda_=lambda_,
+      clip_rho_threshold=clip_rho_threshold,
+      clip_pg_rho_threshold=clip_pg_rho_threshold)
 
   valid = mask > 0
   pg_loss = jnp.where(valid, -targets.pg_advantages * log_pi, 0.0)
   value_loss = jnp.where(valid, 0.5 * jnp.square(targets.vs - values[:-1]), 0.0)
   ent = jnp.where(valid, common.entropy(learner_logits), 0.0)
-  per_step_loss = (pg_loss + config.baseline_cost * value_loss
-                   - config.entropy_cost * ent)
+  per_step_loss = (pg_loss + baseline_cost * value_loss - entropy_cost * ent)
   extras = dict(pg_loss=pg_loss, value_loss=value_loss, entropy=ent,
-                vs=targets.vs, rho=rho)
+                vs=targets.vs, pg_advantages=targets.pg_advantages, rho=rho)
   return per_step_loss, extras
+
+
+def importance_weights(learner_logits: Array, behaviour_logits: Array,
+                       actions: Array) -> Array:
+  """rho = pi_L(a) / pi_A(a) of the taken actions, a constant (stop-gradient).
+
+  Computed as exp(log pi_L - log pi_A) from logits `[..., A]` and actions
+  `[...]`; returns `[...]`.
+  """
+  log_pi = common.log_prob(jax.lax.stop_gradient(learner_logits), actions)
+  log_mu = common.log_prob(jax.lax.stop_gradient(behaviour_logits), actions)
+  return jnp.exp(log_pi - log_mu)
+
+
+def actor_critic_loss(
+    inputs: common.ActorCriticInputs, *, baseline_cost: float,
+    entropy_cost: float, lambda_: float, clip_rho_threshold: float,
+    clip_pg_rho_threshold: float) -> tuple[Array, dict[str, Array]]:
+  """IMPALA actor-critic loss of a batch: the masked mean of the per-step loss.
+
+  `vtrace_actor_critic_loss` vmapped over the B rows of `inputs`, averaged over
+  the valid steps (`inputs.mask`) of the whole batch.
+
+  Returns:
+    The scalar loss and scalar metrics (masked means over valid steps):
+    policy_loss (-adv * log pi), value_loss (baseline_cost * 0.5 * (vs - v)^2,
+    as it enters the loss), entropy, advantage_mean (the clipped-rho pg
+    advantages), rho_mean (pi_L / pi_A of the taken actions), vs_mean. So
+    loss = policy_loss + value_loss - entropy_cost * entropy.
+  """
+  common.assert_actor_critic_inputs(inputs)
+  per_step_fn = functools.partial(
+      vtrace_actor_critic_loss, baseline_cost=baseline_cost,
+      entropy_cost=entropy_cost, lambda_=lambda_,
+      clip_rho_threshold=clip_rho_threshold,
+      clip_pg_rho_threshold=clip_pg_rho_threshold)
+  per_step, extras = jax.vmap(per_step_fn)(
+      inputs.learner_logits, inputs.behaviour_logits, inputs.actions,
+      inputs.values, inputs.rewards, inputs.discounts, inputs.mask)
+  mean = lambda x: common.masked_mean(x, inputs.mask)
+  metrics = dict(
+      policy_loss=mean(extras["pg_loss"]),
+      value_loss=baseline_cost * mean(extras["value_loss"]),
+      entropy=mean(extras["entropy"]),
+      advantage_mean=mean(extras["pg_advantages"]),
+      rho_mean=mean(extras["rho"]),
+      vs_mean=mean(extras["vs"]))
+  return mean(per_step), metrics
