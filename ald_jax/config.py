@@ -11,6 +11,9 @@ from typing import Any
 AGENTS = ("ald", "lstm", "transformer", "asymmetric")
 RL_LOSSES = ("vmpo", "vtrace")
 VALUE_TARGETS = ("vtrace", "nstep")
+STEP_WEIGHTINGS = ("uniform", "teacher_confidence")
+TEACHERS = ("stored", "recompute")
+LEARNER_MEMORIES = ("cached", "recompute")
 
 
 class ConfigError(ValueError):
@@ -114,6 +117,9 @@ class VMPOConfig:
   value_cost: float = 0.5
   target_update_period: int = 10  # learner steps between target refreshes
   value_target: str = "vtrace"    # "vtrace" (off-policy corrected) | "nstep"
+  # The duals (eta, alpha) have their own unclipped Adam: at the network's
+  # learning rate, under its gradient clip, they barely moved (issue 7).
+  dual_learning_rate: float = 1e-2
 
   def __post_init__(self):
     _probability(self.top_k_fraction, "vmpo.top_k_fraction")
@@ -123,6 +129,7 @@ class VMPOConfig:
     _positive(self.init_alpha, "vmpo.init_alpha")
     _non_negative(self.value_cost, "vmpo.value_cost")
     _positive_int(self.target_update_period, "vmpo.target_update_period")
+    _positive(self.dual_learning_rate, "vmpo.dual_learning_rate")
     _require(self.value_target in VALUE_TARGETS, "vmpo.value_target",
              f"must be one of {VALUE_TARGETS}, got {self.value_target!r}")
 
@@ -150,11 +157,21 @@ class DistillConfig:
   policy_cost: float = 1.0        # alpha_pi: KL(sg[pi_L] || pi_A)
   value_cost: float = 1.0         # alpha_V: 1/2 (sg[V_L] - V_A)^2
   learner_pull_cost: float = 0.0  # beta: KL(sg[pi_A] || pi_L), reaches theta_L
+  # Per-step weights of both terms: "uniform", or "teacher_confidence"
+  # (1 - H(pi_L)/log A, normalised to mean 1: decisive steps count more).
+  step_weighting: str = "uniform"
+  # Distill-only steps read the teacher's outputs "stored" with the replayed
+  # rows by the combined step (LSTM only), or "recompute" them (GTrXL again).
+  teacher: str = "stored"
 
   def __post_init__(self):
     _non_negative(self.policy_cost, "distill.policy_cost")
     _non_negative(self.value_cost, "distill.value_cost")
     _non_negative(self.learner_pull_cost, "distill.learner_pull_cost")
+    _require(self.step_weighting in STEP_WEIGHTINGS, "distill.step_weighting",
+             f"must be one of {STEP_WEIGHTINGS}, got {self.step_weighting!r}")
+    _require(self.teacher in TEACHERS, "distill.teacher",
+             f"must be one of {TEACHERS}, got {self.teacher!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +200,14 @@ class LearnerConfig:
   unroll_length: int = 16
   learner_context: int = 32   # = gtrxl.memory_length: step 0 sees a full memory
   batch_size: int = 16
+  # How the transformer reads history in a run: "cached" (Transformer-XL
+  # segment memory per stream; the context is re-read only when a stream's
+  # memory is missing) or "recompute" (always re-read the C context steps).
+  learner_memory: str = "cached"
+  # How far back the actor can learn to remember: context steps of each row
+  # the LSTM is trained through (None: all C). Gradients then reach
+  # actor_context + 1 steps back at the unroll's first step.
+  actor_context: int | None = None
   torso: TorsoConfig = TorsoConfig()
   lstm: LSTMConfig = LSTMConfig()
   gtrxl: GTrXLConfig = GTrXLConfig()
@@ -203,6 +228,15 @@ class LearnerConfig:
              "learner_context", f"must be an integer >= 0, got "
              f"{self.learner_context!r}")
     _positive_int(self.batch_size, "batch_size")
+    _require(self.learner_memory in LEARNER_MEMORIES, "learner_memory",
+             f"must be one of {LEARNER_MEMORIES}, got {self.learner_memory!r}")
+    _require(self.actor_context is None or (
+        isinstance(self.actor_context, int)
+        and not isinstance(self.actor_context, bool)
+        and 0 <= self.actor_context <= self.learner_context),
+             "actor_context", f"must be None or an integer in [0, "
+             f"learner_context={self.learner_context}], got "
+             f"{self.actor_context!r}")
 
   @property
   def sequence_length(self) -> int:

@@ -1,18 +1,24 @@
-"""The importable ALD learner core: `make_learner -> Learner(init, step, distill_step)`.
+"""The importable ALD learner core: `make_learner -> Learner`.
 
 One jitted `step(state, batch) -> (state, metrics)` updates
   * theta_L (the learner) with the RL loss (V-MPO or V-trace) + beta * KL(sg[pi_A] || pi_L),
   * theta_A (the actor) with alpha_pi * KL(sg[pi_L] || pi_A) + alpha_V * 1/2 (sg[V_L] - V_A)^2,
-with separate optax optimizers. Stop-gradients isolate the two parameter sets,
-so a single backward pass of the summed loss gives each set exactly its own
-gradient (tests check this). `distill_step` runs actor-only updates on replayed
-batches, with teacher outputs recomputed by the current learner.
+with separate optax optimizers (and, for V-MPO, a third one for the Lagrange
+duals). Stop-gradients isolate the parameter sets, so one backward pass of the
+summed loss gives each set exactly its own gradient (tests check this).
 
-The four agents of SPEC section 3 are configurations of the same code:
-  ald          GTrXL learner, separate LSTM actor distilled from it.
-  transformer  GTrXL learns and acts (actor = learner, no distillation).
-  lstm         LSTM learns and acts.
-  asymmetric   LSTM policy (acts) with a GTrXL critic (value only).
+Two ways to read history before an unroll (SPEC section 1, issue 7):
+  * `step` (cold): the transformer re-reads the row's C context steps.
+  * `train_step(..., warm=True)`: Transformer-XL's recurrence. A
+    `SegmentMemory` per environment stream keeps every layer's inputs at the
+    last M steps of the stream's previous unroll (stop-gradient), so only
+    the T + 1 new positions are computed. Cold and warm are two compiled
+    variants of one function; both write the next memory.
+The actor's LSTM always re-runs over the whole row from the state recorded at
+its first step (`Batch.actor_state`), with gradients through the last
+`actor_context` context steps: how far back the actor can learn to remember.
+
+Agents (SPEC section 3) are rows of one table, `AGENT_SPECS`.
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ from ald_jax.networks import policy_value
 Array = chex.Array
 Params = Any
 Metrics = dict[str, Array]
+SegmentMemory = gtrxl_lib.SegmentMemory
 
 
 @flax.struct.dataclass
@@ -49,13 +56,13 @@ class LearnerState:
   actor_opt_state: Any
   step: Array                # int32 number of combined steps taken
   distill_step: Array        # int32 number of distill-only steps taken
-  rng: Array
+  rng: Array                 # advanced by replay sampling
 
 
 class ActorCore(NamedTuple):
-  """What an actor thread needs to act with the published parameters.
+  """What an actor needs to act with published parameters (the actor contract).
 
-  `step` is pure; actor threads jit it on the CPU device themselves.
+  `step` is pure; actors jit it on the CPU device themselves.
   """
   initial_state: Callable[[int], Any]
   # (params, observation [E,*obs], step_type [E], state, rng) ->
@@ -65,8 +72,51 @@ class ActorCore(NamedTuple):
   recorded_state: Callable[[Any], Any]
 
 
+class Replay(NamedTuple):
+  """A device ring of recent batch rows for distill-only steps.
+
+  `teacher` holds the learner's logits/values on each row's T unroll steps as
+  computed by the combined step that trained on it (empty when the teacher is
+  recomputed). Rows are overwritten oldest first, so a stored teacher output
+  is at most `capacity / batch_size` combined steps old.
+  """
+  rows: types.Batch            # [capacity, C+T+1, ...]
+  teacher: Any                 # AgentOutput [capacity, T(, A)] or ()
+  next: Array                  # int32 ring position of the next write
+  size: Array                  # int32 rows held
+
+
+class AgentSpec(NamedTuple):
+  """How one agent builds and runs its networks."""
+  policy: str          # network trained by the RL loss and acting: gtrxl | lstm
+  critic: str | None   # a separate value network (gtrxl), or None: the policy's
+  distills: bool       # a separate LSTM actor is distilled from the learner
+  description: str
+
+
+AGENT_SPECS: dict[str, AgentSpec] = {
+    "ald": AgentSpec("gtrxl", None, True,
+                     "GTrXL learns (RL), an LSTM distilled from it acts"),
+    "transformer": AgentSpec("gtrxl", None, False,
+                             "GTrXL learns and acts (K/V-cache step)"),
+    "lstm": AgentSpec("lstm", None, False, "LSTM learns and acts"),
+    "asymmetric": AgentSpec("lstm", "gtrxl", False,
+                            "LSTM policy acts, GTrXL critic"),
+}
+assert set(AGENT_SPECS) == set(config_lib.AGENTS)
+
+
 class Learner(NamedTuple):
+  """The learner's pure functions (jitted) and what they were built for.
+
+  Importable core: `init`, `step`, `distill_step`, `actor_params`,
+  `actor_core`, `example_batch`. The system additionally uses segment memory
+  (`init_memory`, `train_step`) and the device replay (`init_replay`,
+  `replay_distill_step`); `learner_core` acts with the learner's own policy
+  (evaluation of the learner-actor gap).
+  """
   config: config_lib.LearnerConfig
+  spec: AgentSpec
   obs_shape: tuple[int, ...]
   num_actions: int
   init: Callable[[Array, types.Batch], LearnerState]
@@ -75,11 +125,25 @@ class Learner(NamedTuple):
                          tuple[LearnerState, Metrics]]
   actor_params: Callable[[LearnerState], Params]
   actor_core: ActorCore
+  learner_params_for_acting: Callable[[LearnerState], Params]
+  learner_core: ActorCore
   example_batch: Callable[[int], types.Batch]
+  # (net params, batch, memory rows or None) -> (AgentOutput [B, T+1], memory)
+  forward: Callable[..., tuple[types.AgentOutput, Any]]
+  # (actor params, batch) -> AgentOutput [B, T+1] of the distilled LSTM
+  actor_forward: Callable[..., types.AgentOutput]
+  uses_memory: bool
+  init_memory: Callable[[int], Any]
+  # (state, memory, replay, batch, warm) -> (state, memory, replay, metrics)
+  train_step: Callable[..., tuple[LearnerState, Any, Replay, Metrics]]
+  init_replay: Callable[[int], Replay]
+  replay_distill_step: Callable[[LearnerState, Replay],
+                                tuple[LearnerState, Metrics]]
   losses: Callable[..., tuple[Array, Metrics]]  # unjitted, for tests
 
 
-def _optimizer(cfg: config_lib.OptimizerConfig) -> optax.GradientTransformation:
+def _network_optimizer(cfg: config_lib.OptimizerConfig
+                       ) -> optax.GradientTransformation:
   return optax.chain(
       optax.clip_by_global_norm(cfg.max_grad_norm),
       optax.adam(cfg.learning_rate, eps=cfg.adam_eps),
@@ -96,7 +160,15 @@ def _select(pred: Array, on_true, on_false):
                                 on_false)
 
 
-class _UnrollView(NamedTuple):
+def _rows(tree, index: Array):
+  return jax.tree_util.tree_map(lambda x: x[index], tree)
+
+
+def _set_rows(tree, index: Array, values):
+  return jax.tree_util.tree_map(lambda x, v: x.at[index].set(v), tree, values)
+
+
+class UnrollView(NamedTuple):
   """The T loss steps of a batch, time-aligned for the losses ([B, T])."""
   actions: Array
   behaviour_logits: Array
@@ -105,18 +177,35 @@ class _UnrollView(NamedTuple):
   mask: Array        # 1.0 where the action at t was real (step t not LAST)
 
 
-def _unroll_view(batch: types.Batch, context: int, unroll: int,
-                 discount: float) -> _UnrollView:
+def unroll_view(batch: types.Batch, context: int, unroll: int,
+                discount: float) -> UnrollView:
+  """Step t of the unroll is row position C + t; what follows its action
+  (reward, discount) arrives with position C + t + 1 (types.py)."""
   c, t = context, unroll
   step_type = batch.step_type[:, c:c + t]
   mask = (step_type != types.LAST).astype(jnp.float32)
-  return _UnrollView(
+  return UnrollView(
       actions=batch.action[:, c:c + t].astype(jnp.int32),
       behaviour_logits=batch.behaviour_logits[:, c:c + t],
       rewards=batch.reward[:, c + 1:c + t + 1] * mask,
       discounts=discount * batch.discount[:, c + 1:c + t + 1] * mask,
       mask=mask,
   )
+
+
+def next_segment_memory(previous: SegmentMemory, layer_inputs: Array,
+                        step_type: Array) -> SegmentMemory:
+  """The last M steps of `previous` followed by n new steps (all valid).
+
+  layer_inputs [B, num_layers, n, d], step_type [B, n]. Stop-gradient: memory
+  is a constant for the next segment (Transformer-XL).
+  """
+  m = previous.inputs.shape[2]
+  inputs = jnp.concatenate([previous.inputs, layer_inputs], axis=2)[:, :, -m:]
+  steps = jnp.concatenate([previous.step_type, step_type], axis=1)[:, -m:]
+  valid = jnp.concatenate(
+      [previous.valid, jnp.ones(step_type.shape, bool)], axis=1)[:, -m:]
+  return jax.lax.stop_gradient(SegmentMemory(inputs, steps, valid))
 
 
 def make_learner(config: config_lib.LearnerConfig,
@@ -135,7 +224,10 @@ def make_learner(config: config_lib.LearnerConfig,
         f"num_actions must be an integer >= 2, got {num_actions!r}")
 
   cfg = config
+  spec = AGENT_SPECS[cfg.agent]
   ctx, unroll = cfg.learner_context, cfg.unroll_length
+  actor_context = ctx if cfg.actor_context is None else cfg.actor_context
+  burn_in = ctx - actor_context   # row steps the LSTM runs without gradient
   obs_ndim = len(obs_shape)
   lstm_net = policy_value.LSTMPolicyValueNet(
       torso=cfg.torso, lstm=cfg.lstm, num_actions=num_actions,
@@ -143,99 +235,126 @@ def make_learner(config: config_lib.LearnerConfig,
   gtrxl_net = policy_value.GTrXLPolicyValueNet(
       torso=cfg.torso, gtrxl=cfg.gtrxl, num_actions=num_actions,
       obs_ndim=obs_ndim)
-  learner_opt = _optimizer(cfg.learner_optimizer)
-  actor_opt = _optimizer(cfg.actor_optimizer)
   use_vmpo = cfg.rl_loss == "vmpo"
-  distills = cfg.agent == "ald"
+  memory_net = spec.critic or spec.policy   # the GTrXL, if any
+  uses_memory = memory_net == "gtrxl"
 
-  # ---- forward passes over the T+1 unroll steps of a batch --------------
+  # Network parameters train with clipped Adam; V-MPO's duals with their own
+  # unclipped Adam (their gradients are O(1) and must not share the clip).
+  learner_opt = optax.multi_transform(
+      {"net": _network_optimizer(cfg.learner_optimizer),
+       "duals": optax.adam(cfg.vmpo.dual_learning_rate)},
+      {"net": "net", "duals": "duals"})
+  actor_opt = _network_optimizer(cfg.actor_optimizer)
 
-  def lstm_forward(params, batch: types.Batch) -> types.AgentOutput:
-    # The LSTM starts from the actor's recorded state at the row's first step
-    # and runs over the whole row: gradients reach C + T steps back.
-    out, _ = lstm_net.apply(params, batch.observation, batch.step_type,
-                            batch.actor_state)
-    return jax.tree_util.tree_map(lambda x: x[:, ctx:], out)
+  # ---- forward passes: outputs at the T + 1 unroll + bootstrap steps --------
 
-  def gtrxl_forward(params, batch: types.Batch) -> types.AgentOutput:
-    # The transformer reads the context prefix as stop-gradient memory.
-    out = gtrxl_net.apply(params, batch.observation, batch.step_type,
-                          num_memory_steps=ctx)
-    return jax.tree_util.tree_map(lambda x: x[:, ctx:], out)
+  def lstm_forward(params, batch: types.Batch, memory=None):
+    """The LSTM from the state recorded at the row's first step, over the row.
 
-  def learner_forward(net_params, batch) -> types.AgentOutput:
-    if cfg.agent in ("ald", "transformer"):
-      return gtrxl_forward(net_params, batch)
-    if cfg.agent == "lstm":
-      return lstm_forward(net_params, batch)
-    # asymmetric: LSTM policy, GTrXL critic.
-    policy_out = lstm_forward(net_params["policy"], batch)
-    critic_out = gtrxl_forward(net_params["critic"], batch)
-    return types.AgentOutput(logits=policy_out.logits, value=critic_out.value)
+    The first `burn_in` steps run without gradient (only their final state is
+    used), so gradients reach `actor_context` steps before the unroll.
+    """
+    del memory
+    obs, step_type, state = batch.observation, batch.step_type, batch.actor_state
+    if burn_in > 0:
+      _, state = lstm_net.apply(params, obs[:, :burn_in],
+                                step_type[:, :burn_in], state)
+      state = jax.lax.stop_gradient(state)
+    out, _ = lstm_net.apply(params, obs[:, burn_in:], step_type[:, burn_in:],
+                            state)
+    return jax.tree_util.tree_map(lambda x: x[:, actor_context:], out), None
+
+  def gtrxl_forward(params, batch: types.Batch, memory=None):
+    """Cold (memory None): re-reads the C context steps as stop-gradient
+    memory. Warm: reads `memory` and computes only the T + 1 new steps.
+    Returns (outputs, the next segment memory of each row)."""
+    if memory is None:
+      out, layer_inputs = gtrxl_net.apply(
+          params, batch.observation, batch.step_type, num_memory_steps=ctx,
+          return_layer_inputs=True)
+      out = jax.tree_util.tree_map(lambda x: x[:, ctx:], out)
+      previous = gtrxl_lib.empty_segment_memory(cfg.gtrxl, batch.batch_size)
+      new_inputs, new_steps = layer_inputs, batch.step_type
+      new_from = 0
+    else:
+      out, layer_inputs = gtrxl_net.apply(
+          params, batch.observation[:, ctx:], batch.step_type[:, ctx:],
+          memory=memory, return_layer_inputs=True)
+      previous, new_inputs, new_steps = memory, layer_inputs, batch.step_type
+      new_from = ctx
+    # The next unroll starts at this row's bootstrap step: memory ends before.
+    next_memory = next_segment_memory(
+        previous, new_inputs[:, :, :-1], new_steps[:, new_from:-1])
+    return out, next_memory
+
+  forwards = {"lstm": lstm_forward, "gtrxl": gtrxl_forward}
+
+  def learner_forward(net_params, batch, memory=None):
+    """(AgentOutput [B, T+1], next memory or None)."""
+    if spec.critic is None:
+      return forwards[spec.policy](net_params, batch, memory)
+    policy_out, _ = forwards[spec.policy](net_params["policy"], batch)
+    critic_out, next_memory = forwards[spec.critic](net_params["critic"],
+                                                   batch, memory)
+    return types.AgentOutput(policy_out.logits, critic_out.value), next_memory
 
   # ---- losses ---------------------------------------------------------------
 
-  def rl_loss(duals, target_params, batch, view: _UnrollView,
+  def rl_loss(duals, target_params, batch, memory, view: UnrollView,
               learner_out: types.AgentOutput) -> tuple[Array, Metrics]:
-    logits = learner_out.logits[:, :unroll]
-    values = learner_out.value  # [B, T+1]
+    inputs = common.ActorCriticInputs(
+        learner_logits=learner_out.logits[:, :unroll],
+        behaviour_logits=view.behaviour_logits, actions=view.actions,
+        values=learner_out.value, rewards=view.rewards,
+        discounts=view.discounts, mask=view.mask)
+    trace = dict(lambda_=cfg.vtrace.lambda_,
+                 clip_rho_threshold=cfg.vtrace.clip_rho_threshold,
+                 clip_pg_rho_threshold=cfg.vtrace.clip_pg_rho_threshold)
     if not use_vmpo:
-      per_step, extras = jax.vmap(
-          functools.partial(vtrace.vtrace_actor_critic_loss,
-                            config=cfg.vtrace))(
-              logits, view.behaviour_logits, view.actions, values,
-              view.rewards, view.discounts, view.mask)
-      loss = common.masked_mean(per_step, view.mask)
-      metrics = {f"vtrace/{k}": common.masked_mean(v, view.mask)
-                 for k, v in extras.items()}
-      return loss, metrics
-
-    v_tm1 = values[:, :-1]
-    v_t = jax.lax.stop_gradient(values[:, 1:])
-    if cfg.vmpo.value_target == "vtrace":
-      # Importance weights pi_L / pi_A correct for acting with the actor.
-      rho = jnp.exp(common.log_prob(logits, view.actions) -
-                    common.log_prob(view.behaviour_logits, view.actions))
-      returns = jax.vmap(vtrace.vtrace_returns)(
-          v_tm1, v_t, view.rewards, view.discounts, rho, view.mask).vs
-    else:
-      returns = jax.vmap(common.lambda_returns,
-                         in_axes=(0, 0, 0, None, 0))(
-                             view.rewards, view.discounts, v_t, 1.0, view.mask)
-    returns = jax.lax.stop_gradient(returns)  # targets, already sg; explicit
-    advantages = returns - jax.lax.stop_gradient(v_tm1)
-    target_out = jax.lax.stop_gradient(learner_forward(target_params, batch))
-    policy_loss, extras = vmpo.vmpo_loss(
-        logits, target_out.logits[:, :unroll], view.actions, advantages,
-        view.mask, duals, cfg.vmpo)
-    value_loss = cfg.vmpo.value_cost * common.masked_mean(
-        0.5 * jnp.square(returns - v_tm1), view.mask)
-    metrics = {f"vmpo/{k}": v for k, v in extras.items()}
-    metrics["vmpo/value_loss"] = value_loss
-    metrics["vmpo/advantage_mean"] = common.masked_mean(advantages, view.mask)
-    return policy_loss + value_loss, metrics
+      loss, extras = vtrace.actor_critic_loss(
+          inputs, baseline_cost=cfg.vtrace.baseline_cost,
+          entropy_cost=cfg.vtrace.entropy_cost, **trace)
+      return loss, {f"vtrace/{k}": v for k, v in extras.items()}
+    # The target network reads the same memory as the online network.
+    target_out, _ = learner_forward(target_params, batch, memory)
+    loss, extras = vmpo.actor_critic_loss(
+        inputs, target_logits=jax.lax.stop_gradient(
+            target_out.logits[:, :unroll]),
+        duals=duals, top_k_fraction=cfg.vmpo.top_k_fraction,
+        epsilon_eta=cfg.vmpo.epsilon_eta,
+        epsilon_alpha=cfg.vmpo.epsilon_alpha, value_cost=cfg.vmpo.value_cost,
+        value_target=cfg.vmpo.value_target, lambda_=trace["lambda_"],
+        clip_rho_threshold=trace["clip_rho_threshold"])
+    return loss, {f"vmpo/{k}": v for k, v in extras.items()}
 
   def distillation(teacher: types.AgentOutput, actor_out: types.AgentOutput,
                    mask: Array) -> tuple[Array, Metrics]:
-    """alpha_pi KL(sg[pi_L] || pi_A) + alpha_V 1/2 (sg[V_L] - V_A)^2."""
-    policy_kl = common.masked_mean(
-        jax.vmap(distill.policy_distillation)(
-            teacher.logits[:, :unroll], actor_out.logits[:, :unroll]), mask)
-    value_sq = common.masked_mean(
-        jax.vmap(distill.value_distillation)(
-            teacher.value[:, :unroll], actor_out.value[:, :unroll]), mask)
-    total = (cfg.distill.policy_cost * policy_kl +
-             cfg.distill.value_cost * value_sq)
-    return total, {"distill/policy_kl": policy_kl,
-                   "distill/value_loss": value_sq}
+    """alpha_pi KL(sg[pi_L] || pi_A) + alpha_V 1/2 (sg[V_L] - V_A)^2 over the
+    T unroll steps, each step weighted (`distill.step_weighting`)."""
+    teacher_logits = teacher.logits[:, :unroll]
+    policy_kl = jax.vmap(distill.policy_distillation)(
+        teacher_logits, actor_out.logits[:, :unroll])
+    value_sq = jax.vmap(distill.value_distillation)(
+        teacher.value[:, :unroll], actor_out.value[:, :unroll])
+    weights = distill.step_weights(teacher_logits, mask,
+                                   cfg.distill.step_weighting)
+    policy_term = common.masked_mean(policy_kl * weights, mask)
+    value_term = common.masked_mean(value_sq * weights, mask)
+    total = (cfg.distill.policy_cost * policy_term +
+             cfg.distill.value_cost * value_term)
+    return total, {"distill/policy_kl": common.masked_mean(policy_kl, mask),
+                   "distill/value_loss": common.masked_mean(value_sq, mask),
+                   "distill/loss": total}
 
-  def losses(learner_params, actor_params, target_params,
-             batch: types.Batch) -> tuple[Array, Metrics]:
-    """Sum of all losses; each parameter set gets only its own gradient."""
-    view = _unroll_view(batch, ctx, unroll, cfg.discount)
-    learner_out = learner_forward(learner_params["net"], batch)
-    rl, metrics = rl_loss(learner_params["duals"], target_params, batch, view,
-                          learner_out)
+  def losses_with_memory(learner_params, actor_params, target_params,
+                         batch: types.Batch, memory=None):
+    """Sum of all losses; aux = (metrics, teacher outputs, next memory)."""
+    view = unroll_view(batch, ctx, unroll, cfg.discount)
+    learner_out, next_memory = learner_forward(learner_params["net"], batch,
+                                               memory)
+    rl, metrics = rl_loss(learner_params["duals"], target_params, batch,
+                          memory, view, learner_out)
     learner_logits = learner_out.logits[:, :unroll]
     total = rl
     metrics["learner/rl_loss"] = rl
@@ -243,8 +362,8 @@ def make_learner(config: config_lib.LearnerConfig,
         common.entropy(learner_logits), view.mask)
     metrics["learner/value_mean"] = common.masked_mean(
         learner_out.value[:, :unroll], view.mask)
-    if distills:
-      actor_out = lstm_forward(actor_params, batch)
+    if spec.distills:
+      actor_out, _ = lstm_forward(actor_params, batch)
       actor_logits = actor_out.logits[:, :unroll]
       pull = common.masked_mean(
           jax.vmap(distill.policy_distillation)(actor_logits, learner_logits),
@@ -257,18 +376,27 @@ def make_learner(config: config_lib.LearnerConfig,
       metrics["actor/entropy"] = common.masked_mean(
           common.entropy(actor_logits), view.mask)
     metrics["loss/total"] = total
+    teacher = jax.lax.stop_gradient(jax.tree_util.tree_map(
+        lambda x: x[:, :unroll], learner_out))
+    return total, (metrics, teacher, next_memory)
+
+  def losses(learner_params, actor_params, target_params,
+             batch: types.Batch) -> tuple[Array, Metrics]:
+    """Cold losses (context re-read); for tests and custom training loops."""
+    total, (metrics, _, _) = losses_with_memory(
+        learner_params, actor_params, target_params, batch)
     return total, metrics
 
-  def distill_losses(actor_params, learner_net_params,
+  def distill_losses(actor_params, teacher: types.AgentOutput,
                      batch: types.Batch) -> tuple[Array, Metrics]:
-    teacher = jax.lax.stop_gradient(learner_forward(learner_net_params, batch))
-    mask = _unroll_view(batch, ctx, unroll, cfg.discount).mask
-    return distillation(teacher, lstm_forward(actor_params, batch), mask)
+    mask = unroll_view(batch, ctx, unroll, cfg.discount).mask
+    actor_out, _ = lstm_forward(actor_params, batch)
+    return distillation(teacher, actor_out, mask)
 
   # ---- init -------------------------------------------------------------------
 
   def actor_state_example(batch_size: int):
-    if cfg.agent == "transformer":
+    if spec.policy == "gtrxl" and not spec.distills:
       return ()
     return lstm_net.initial_state(batch_size)
 
@@ -279,27 +407,29 @@ def make_learner(config: config_lib.LearnerConfig,
   def init(rng: Array, batch: types.Batch) -> LearnerState:
     batch.validate(context=ctx, unroll=unroll, num_actions=num_actions,
                    obs_shape=obs_shape)
-    rng, lstm_key, gtrxl_key, actor_key = jax.random.split(rng, 4)
+    rng, policy_key, critic_key, actor_key = jax.random.split(rng, 4)
     obs, step_type = batch.observation[:1], batch.step_type[:1]
-    init_lstm = lambda key: lstm_net.init(
-        key, obs, step_type, lstm_net.initial_state(1))
-    init_gtrxl = lambda key: gtrxl_net.init(key, obs, step_type,
-                                            num_memory_steps=ctx)
-    if cfg.agent in ("ald", "transformer"):
-      net = init_gtrxl(gtrxl_key)
-    elif cfg.agent == "lstm":
-      net = init_lstm(lstm_key)
+    init_net = {
+        "lstm": lambda key: lstm_net.init(key, obs, step_type,
+                                          lstm_net.initial_state(1)),
+        "gtrxl": lambda key: gtrxl_net.init(key, obs, step_type,
+                                            num_memory_steps=ctx),
+    }
+    if spec.critic is None:
+      net = init_net[spec.policy](policy_key)
     else:
-      net = {"policy": init_lstm(lstm_key), "critic": init_gtrxl(gtrxl_key)}
-    duals = vmpo.init_duals(cfg.vmpo) if use_vmpo else ()
+      net = {"policy": init_net[spec.policy](policy_key),
+             "critic": init_net[spec.critic](critic_key)}
+    duals = vmpo.init_duals(cfg.vmpo.init_eta,
+                            cfg.vmpo.init_alpha) if use_vmpo else ()
     learner_params = {"net": net, "duals": duals}
-    actor_params = init_lstm(actor_key) if distills else ()
+    actor_params = init_net["lstm"](actor_key) if spec.distills else ()
     return LearnerState(
         learner_params=learner_params,
         actor_params=actor_params,
         target_params=net if use_vmpo else (),
         learner_opt_state=learner_opt.init(learner_params),
-        actor_opt_state=actor_opt.init(actor_params) if distills else (),
+        actor_opt_state=actor_opt.init(actor_params) if spec.distills else (),
         step=jnp.zeros((), jnp.int32),
         distill_step=jnp.zeros((), jnp.int32),
         rng=rng,
@@ -307,16 +437,19 @@ def make_learner(config: config_lib.LearnerConfig,
 
   # ---- updates ------------------------------------------------------------------
 
-  def step(state: LearnerState, batch: types.Batch):
-    grad_fn = jax.value_and_grad(losses, argnums=(0, 1), has_aux=True)
-    (_, metrics), (learner_grads, actor_grads) = grad_fn(
-        state.learner_params, state.actor_params, state.target_params, batch)
+  def update(state: LearnerState, batch: types.Batch, memory=None):
+    """One combined update; (state, metrics, teacher, next memory)."""
+    grad_fn = jax.value_and_grad(losses_with_memory, argnums=(0, 1),
+                                 has_aux=True)
+    (_, (metrics, teacher, next_memory)), (learner_grads, actor_grads) = (
+        grad_fn(state.learner_params, state.actor_params, state.target_params,
+                batch, memory))
     finite = _all_finite((metrics, learner_grads, actor_grads))
     updates, learner_opt_state = learner_opt.update(
         learner_grads, state.learner_opt_state, state.learner_params)
     learner_params = optax.apply_updates(state.learner_params, updates)
     actor_params, actor_opt_state = state.actor_params, state.actor_opt_state
-    if distills:
+    if spec.distills:
       updates, actor_opt_state = actor_opt.update(
           actor_grads, actor_opt_state, actor_params)
       actor_params = optax.apply_updates(actor_params, updates)
@@ -332,20 +465,78 @@ def make_learner(config: config_lib.LearnerConfig,
         actor_opt_state=actor_opt_state, step=new_step)
     # A non-finite loss or gradient skips the whole update (counters too).
     new_state = _select(finite, proposed, state)
-    metrics["learner/grad_norm"] = optax.global_norm(learner_grads)
-    if distills:
+    metrics["learner/grad_norm"] = optax.global_norm(learner_grads["net"])
+    if spec.distills:
       metrics["actor/grad_norm"] = optax.global_norm(actor_grads)
     metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+    return new_state, metrics, teacher, next_memory, finite
+
+  def step(state: LearnerState, batch: types.Batch):
+    new_state, metrics, _, _, _ = update(state, batch)
     return new_state, metrics
 
-  def distill_step_fn(state: LearnerState, batch: types.Batch):
-    if not distills:
+  def init_memory(num_streams: int):
+    if not uses_memory:
+      return ()
+    return gtrxl_lib.empty_segment_memory(cfg.gtrxl, num_streams)
+
+  def replay_rows(batch: types.Batch) -> types.Batch:
+    return batch.replace(stream_id=None, unroll_index=None)
+
+  def init_replay(capacity: int) -> Replay:
+    if capacity < cfg.batch_size:
+      raise config_lib.ConfigError(
+          f"replay_capacity: must be >= batch_size ({cfg.batch_size}), got "
+          f"{capacity}")
+    rows = jax.tree_util.tree_map(jnp.asarray, example_batch(capacity))
+    teacher = ()
+    if cfg.distill.teacher == "stored":
+      teacher = types.AgentOutput(
+          logits=jnp.zeros((capacity, unroll, num_actions), jnp.float32),
+          value=jnp.zeros((capacity, unroll), jnp.float32))
+    return Replay(rows=rows, teacher=teacher, next=jnp.zeros((), jnp.int32),
+                  size=jnp.zeros((), jnp.int32))
+
+  def train_step(state: LearnerState, memory, replay: Replay | None,
+                 batch: types.Batch, warm: bool):
+    """The system's combined step: segment memory in and out, replay add.
+
+    `warm` (static): every row's stream has a valid memory (its previous
+    unroll was the last one trained); else every row re-reads its context.
+    Rows are addressed by `batch.stream_id` (each stream at most once).
+    """
+    if uses_memory and isinstance(memory, SegmentMemory):
+      rows_memory = _rows(memory, batch.stream_id) if warm else None
+      new_state, metrics, teacher, next_memory, finite = update(
+          state, batch, rows_memory)
+      # A skipped (non-finite) update leaves the memory as it was.
+      old = (_rows(memory, batch.stream_id) if warm else next_memory)
+      memory = _set_rows(memory, batch.stream_id,
+                         _select(finite, next_memory, old))
+    else:
+      new_state, metrics, teacher, _, finite = update(state, batch)
+    metrics["learner/warm"] = jnp.asarray(float(warm and uses_memory))
+    if replay is not None:
+      capacity = replay.rows.action.shape[0]
+      b = batch.batch_size
+      positions = (replay.next + jnp.arange(b)) % capacity
+      stored = replay.teacher
+      if cfg.distill.teacher == "stored":
+        stored = _set_rows(stored, positions, teacher)
+      replay = Replay(
+          rows=_set_rows(replay.rows, positions, replay_rows(batch)),
+          teacher=stored, next=(replay.next + b) % capacity,
+          size=jnp.minimum(replay.size + b, capacity))
+    return new_state, memory, replay, metrics
+
+  def distill_update(state: LearnerState, batch: types.Batch,
+                     teacher: types.AgentOutput):
+    if not spec.distills:
       raise ValueError(
-          f"distill_step needs a separate actor (agent 'ald'); agent "
+          f"distill steps need a separate actor (agent 'ald'); agent "
           f"{cfg.agent!r} acts with the learner itself")
     grad_fn = jax.value_and_grad(distill_losses, has_aux=True)
-    (_, metrics), grads = grad_fn(state.actor_params,
-                                  state.learner_params["net"], batch)
+    (_, metrics), grads = grad_fn(state.actor_params, teacher, batch)
     finite = _all_finite((metrics, grads))
     updates, opt_state = actor_opt.update(grads, state.actor_opt_state,
                                           state.actor_params)
@@ -356,48 +547,86 @@ def make_learner(config: config_lib.LearnerConfig,
     metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
     return _select(finite, proposed, state), metrics
 
+  def recomputed_teacher(state: LearnerState, batch: types.Batch):
+    out, _ = learner_forward(state.learner_params["net"], batch)
+    return jax.lax.stop_gradient(
+        jax.tree_util.tree_map(lambda x: x[:, :unroll], out))
+
+  def distill_step_fn(state: LearnerState, batch: types.Batch):
+    """Actor-only update on `batch`, the teacher recomputed (cold)."""
+    return distill_update(state, batch, recomputed_teacher(state, batch))
+
+  def replay_distill_step(state: LearnerState, replay: Replay):
+    """Actor-only update on B rows sampled uniformly from the replay (with
+    `state.rng`, which advances), using stored or recomputed teacher outputs."""
+    rng, key = jax.random.split(state.rng)
+    index = jax.random.randint(key, (cfg.batch_size,), 0,
+                               jnp.maximum(replay.size, 1))
+    batch = _rows(replay.rows, index)
+    state = state.replace(rng=rng)
+    if cfg.distill.teacher == "stored":
+      teacher = _rows(replay.teacher, index)
+    else:
+      teacher = recomputed_teacher(state, batch)
+    new_state, metrics = distill_update(state, batch, teacher)
+    # The sampling key is consumed even when the update is skipped.
+    return new_state.replace(rng=rng), metrics
+
   # ---- acting -----------------------------------------------------------------
 
+  def policy_params(state: LearnerState) -> Params:
+    net = state.learner_params["net"]
+    return net if spec.critic is None else net["policy"]
+
   def actor_params(state: LearnerState) -> Params:
-    if cfg.agent == "ald":
-      return state.actor_params
-    if cfg.agent == "asymmetric":
-      return state.learner_params["net"]["policy"]
-    return state.learner_params["net"]
+    return state.actor_params if spec.distills else policy_params(state)
 
   # LSTM actors act through the lean path: logits and one packed [E, 2H]
   # state, fewer buffers per call (each output costs ~1 us at E=1).
-  def actor_initial_state(batch_size: int):
-    if cfg.agent == "transformer":
-      return gtrxl_lib.gtrxl_initial_cache(cfg.gtrxl, batch_size)
-    return policy_value.pack_lstm_state(lstm_net.initial_state(batch_size))
+  def make_core(kind: str) -> ActorCore:
+    if kind == "gtrxl":
+      def gtrxl_step(params, observation, step_type, state, rng):
+        out, new_state = gtrxl_net.apply(params, observation, step_type,
+                                         state, method="step")
+        action = jax.random.categorical(rng, out.logits).astype(jnp.int32)
+        return action, out.logits, new_state
+      return ActorCore(
+          initial_state=functools.partial(gtrxl_lib.gtrxl_initial_cache,
+                                          cfg.gtrxl),
+          step=gtrxl_step, recorded_state=lambda state: ())
 
-  def actor_step(params, observation, step_type, state, rng):
-    if cfg.agent == "transformer":
-      out, new_state = gtrxl_net.apply(params, observation, step_type, state,
-                                       method="step")
-      logits = out.logits
-    else:
+    def lstm_step(params, observation, step_type, state, rng):
       logits, new_state = lstm_net.apply(params, observation, step_type,
                                          state, method="act")
-    action = jax.random.categorical(rng, logits).astype(jnp.int32)
-    return action, logits, new_state
+      action = jax.random.categorical(rng, logits).astype(jnp.int32)
+      return action, logits, new_state
+    return ActorCore(
+        initial_state=lambda batch_size: policy_value.pack_lstm_state(
+            lstm_net.initial_state(batch_size)),
+        step=lstm_step, recorded_state=policy_value.unpack_lstm_state)
 
-  def recorded_state(state):
-    if cfg.agent == "transformer":
-      return ()
-    return policy_value.unpack_lstm_state(state)
+  actor_kind = "lstm" if spec.distills else spec.policy
 
   return Learner(
       config=cfg,
+      spec=spec,
       obs_shape=obs_shape,
       num_actions=num_actions,
       init=jax.jit(init),
       step=jax.jit(step, donate_argnums=0),
       distill_step=jax.jit(distill_step_fn, donate_argnums=0),
       actor_params=actor_params,
-      actor_core=ActorCore(initial_state=actor_initial_state, step=actor_step,
-                           recorded_state=recorded_state),
+      actor_core=make_core(actor_kind),
+      learner_params_for_acting=policy_params,
+      learner_core=make_core(spec.policy),
       example_batch=example_batch,
+      forward=learner_forward,
+      actor_forward=lambda params, batch: lstm_forward(params, batch)[0],
+      uses_memory=uses_memory,
+      init_memory=init_memory,
+      train_step=jax.jit(train_step, static_argnames="warm",
+                         donate_argnums=(0, 1, 2)),
+      init_replay=init_replay,
+      replay_distill_step=jax.jit(replay_distill_step, donate_argnums=0),
       losses=losses,
   )

@@ -46,3 +46,23 @@ def value_distillation(teacher_values: Array, student_values: Array) -> Array:
   chex.assert_type([teacher_values, student_values], jnp.float32)
   return 0.5 * jnp.square(jax.lax.stop_gradient(teacher_values)
                           - student_values)
+
+
+def step_weights(teacher_logits: Array, mask: Array, weighting: str) -> Array:
+  """Per-step weights [..., T] for the distillation terms, mean 1 over mask.
+
+  "uniform": all 1. "teacher_confidence": 1 - H(pi_teacher) / log A (0 for a
+  uniform teacher, 1 for a deterministic one), normalised to mean 1 over the
+  valid steps, so the steps where the teacher has decided weigh more (in a
+  recall task, the decision step) without changing the loss scale.
+  """
+  if weighting == "uniform":
+    return jnp.ones(mask.shape, jnp.float32)
+  if weighting != "teacher_confidence":
+    raise ValueError(f"unknown step weighting {weighting!r}")
+  num_actions = teacher_logits.shape[-1]
+  confidence = 1.0 - common.entropy(
+      jax.lax.stop_gradient(teacher_logits)) / jnp.log(num_actions)
+  confidence = jnp.maximum(confidence, 0.0)
+  mean = common.masked_mean(confidence, mask)
+  return confidence / jnp.maximum(mean, 1e-6)

@@ -25,6 +25,11 @@ Two call forms that agree numerically:
     stop-gradient'ed.
   * step form `step(x [B, D], step_type [B], cache)` (acting): a ring cache of
     the projected keys/values of the last `memory_length` steps per layer.
+  * segment form `__call__(..., memory=SegmentMemory)` (training with
+    Transformer-XL's recurrence): the inputs of every layer at the last M
+    steps of the previous segment are given (stop-gradient), so only the new
+    positions are computed. Both sequence calls can return the per-layer inputs
+    of their own positions, from which the next segment's memory is cut.
 They agree to ~1e-6 in float32 with full-precision matmuls (CPU); on GPUs
 whose default float32 matmul precision is TF32 the gap is larger.
 """
@@ -84,18 +89,50 @@ def sinusoid_embedding(distances: np.ndarray, dim: int) -> np.ndarray:
   return table.astype(np.float32)
 
 
-def attention_mask(step_type: chex.Array, memory_length: int) -> chex.Array:
-  """[B, L] step types -> [B, L(query), L(key)] bool.
+class SegmentMemory(NamedTuple):
+  """Transformer-XL memory of M steps per row (training-time recurrence).
+
+  `inputs[:, l]` holds layer l's inputs at the M steps before the segment
+  (computed by earlier parameters; always used under stop-gradient).
+  """
+  inputs: chex.Array     # [B, num_layers, M, d_model] float32
+  step_type: chex.Array  # [B, M] int32 step types of those steps
+  valid: chex.Array      # [B, M] bool: the slot holds a computed step
+
+
+def empty_segment_memory(config: GTrXLConfig, batch_size: int) -> SegmentMemory:
+  m = config.memory_length
+  return SegmentMemory(
+      inputs=jnp.zeros((batch_size, config.num_layers, m, config.d_model),
+                       jnp.float32),
+      step_type=jnp.full((batch_size, m), FIRST, jnp.int32),
+      valid=jnp.zeros((batch_size, m), bool))
+
+
+def attention_mask(step_type: chex.Array, memory_length: int,
+                   num_queries: int | None = None,
+                   key_valid: chex.Array | None = None) -> chex.Array:
+  """[B, L] key step types -> [B, Q, L] bool; queries are the last Q keys.
 
   True where 0 <= i - j <= memory_length and no FIRST lies in (j, i], i.e. j
-  is at or after the most recent FIRST at or before i.
+  is at or after the most recent FIRST at or before i (and j is valid).
   """
+  length = step_type.shape[1]
+  num_queries = length if num_queries is None else num_queries
   episode = jnp.cumsum(jnp.equal(step_type, FIRST), axis=1)
-  same_episode = episode[:, :, None] == episode[:, None, :]
-  positions = np.arange(step_type.shape[1])
-  offset = positions[:, None] - positions[None, :]
+  same_episode = episode[:, -num_queries:, None] == episode[:, None, :]
+  offset = relative_offsets(num_queries, length)
   window = (offset >= 0) & (offset <= memory_length)
-  return same_episode & window[None]
+  mask = same_episode & window[None]
+  if key_valid is not None:
+    mask = mask & key_valid[:, None, :]
+  return mask
+
+
+def relative_offsets(num_queries: int, num_keys: int) -> np.ndarray:
+  """[Q, K] distances i - j, query i being key position K - Q + i."""
+  queries = np.arange(num_keys - num_queries, num_keys)
+  return queries[:, None] - np.arange(num_keys)[None, :]
 
 
 class RelativeMultiHeadAttention(nn.Module):
@@ -151,9 +188,22 @@ class RelativeMultiHeadAttention(nn.Module):
     return jnp.einsum("...he,re->...hr", query_rel, rel)
 
   def __call__(self, x: chex.Array, mask: chex.Array,
-               relative_index: np.ndarray) -> chex.Array:
-    """x [B, L, d], mask [B, L, L], relative_index [L, L] = clip(i - j)."""
-    q, k, v = self._qkv(x)
+               relative_index: np.ndarray,
+               memory: chex.Array | None = None) -> chex.Array:
+    """x [B, L, d] queries; memory [B, M, d] extra keys before them or None.
+
+    mask [B, L, M + L], relative_index [L, M + L] = clip(i - j).
+    """
+    if memory is None:
+      q, k, v = self._qkv(x)
+    else:
+      d = self.d_model
+      head_shape = (self.num_heads, self.head_dim)
+      q = (x @ self.qkv_kernel[:, :d]).reshape(*x.shape[:-1], *head_shape)
+      keys_in = jnp.concatenate([memory, x], axis=1)
+      kv = (keys_in @ self.qkv_kernel[:, d:]).reshape(
+          *keys_in.shape[:-1], 2, *head_shape)
+      k, v = kv[..., 0, :, :], kv[..., 1, :, :]
     content = jnp.einsum("blhd,bmhd->bhlm", q + self.content_bias, k)
     num_distances = int(relative_index.max()) + 1
     by_distance = self._scores_by_distance(q, num_distances)  # [B, L, H, R]
@@ -236,9 +286,12 @@ class GTrXLBlock(nn.Module):
     return self.mlp_gate(x, nn.relu(y))
 
   def __call__(self, x: chex.Array, mask: chex.Array,
-               relative_index: np.ndarray) -> chex.Array:
-    """Sequence form: x [B, L, d] -> [B, L, d]."""
-    y = self.attention(self.attention_norm(x), mask, relative_index)
+               relative_index: np.ndarray,
+               memory: chex.Array | None = None) -> chex.Array:
+    """Sequence form: x [B, L, d] (+ memory inputs [B, M, d]) -> [B, L, d]."""
+    normed_memory = None if memory is None else self.attention_norm(memory)
+    y = self.attention(self.attention_norm(x), mask, relative_index,
+                       normed_memory)
     x = self.attention_gate(x, nn.relu(y))
     return self._mlp_submodule(x)
 
@@ -277,27 +330,49 @@ class GTrXL(nn.Module):
     return self.output_norm(x) if self.final_layer_norm else x
 
   def __call__(self, x: chex.Array, step_type: chex.Array,
-               num_memory_steps: int = 0) -> chex.Array:
+               num_memory_steps: int = 0,
+               memory: SegmentMemory | None = None,
+               return_layer_inputs: bool = False):
     """x [B, L, D_in], step_type [B, L] -> [B, L, d_model].
 
     Positions < num_memory_steps are memory: gradients do not flow through
-    their hidden states (the forward pass is unchanged).
+    their hidden states (the forward pass is unchanged). With `memory`, the
+    L positions also attend to the M memorised steps before them (each
+    layer's stored input, stop-gradient). With `return_layer_inputs`, also
+    returns every layer's input at the L positions, [B, num_layers, L, d].
     """
     chex.assert_rank(x, 3)
     batch_size, length, _ = x.shape
     chex.assert_shape(step_type, (batch_size, length))
     memory_length = self.config.memory_length
-    mask = attention_mask(step_type, memory_length)
-    positions = np.arange(length)
+    if memory is None:
+      mask = attention_mask(step_type, memory_length)
+      num_keys = length
+    else:
+      chex.assert_shape(memory.inputs, (batch_size, self.config.num_layers,
+                                        None, self.config.d_model))
+      num_keys = memory.inputs.shape[2] + length
+      mask = attention_mask(
+          jnp.concatenate([memory.step_type, step_type], axis=1),
+          memory_length, num_queries=length,
+          key_valid=jnp.concatenate(
+              [memory.valid, jnp.ones((batch_size, length), bool)], axis=1))
     # Distances past memory_length are masked out; clip to keep the table short.
-    relative_index = np.clip(positions[:, None] - positions[None, :], 0,
-                             min(length - 1, memory_length))
-    is_memory = jnp.asarray(positions < num_memory_steps)[None, :, None]
+    relative_index = np.clip(relative_offsets(length, num_keys), 0,
+                             min(num_keys - 1, memory_length))
+    is_memory = jnp.asarray(np.arange(length) < num_memory_steps)[None, :, None]
     h = self.input_projection(x)
-    for block in self.blocks:
+    layer_inputs = []
+    for layer, block in enumerate(self.blocks):
       h = jnp.where(is_memory, jax.lax.stop_gradient(h), h)
-      h = block(h, mask, relative_index)
-    return self._finish(h)
+      layer_inputs.append(h)
+      layer_memory = (None if memory is None else
+                      jax.lax.stop_gradient(memory.inputs[:, layer]))
+      h = block(h, mask, relative_index, layer_memory)
+    out = self._finish(h)
+    if return_layer_inputs:
+      return out, jnp.stack(layer_inputs, axis=1)
+    return out
 
   def step(self, x: chex.Array, step_type: chex.Array,
            cache: GTrXLCache) -> tuple[chex.Array, GTrXLCache]:

@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from ald_jax.config import GTrXLConfig, LSTMConfig, TorsoConfig
-from ald_jax.networks.gtrxl import GTrXL, GTrXLCache, gtrxl_initial_cache
+from ald_jax.networks.gtrxl import (GTrXL, GTrXLCache, SegmentMemory,
+                                    gtrxl_initial_cache)
 from ald_jax.networks.lstm import LSTMCore, lstm_initial_state
 from ald_jax.networks.torso import Torso
 from ald_jax.types import AgentOutput, LSTMState
@@ -127,10 +128,21 @@ class GTrXLPolicyValueNet(nn.Module):
     return gtrxl_initial_cache(self.gtrxl, batch_size)
 
   def __call__(self, obs: chex.Array, step_type: chex.Array,
-               num_memory_steps: int = 0) -> AgentOutput:
-    """obs [B, L, *obs], step_type [B, L] -> AgentOutput [B, L, ...]."""
+               num_memory_steps: int = 0,
+               memory: SegmentMemory | None = None,
+               return_layer_inputs: bool = False):
+    """obs [B, L, *obs], step_type [B, L] -> AgentOutput [B, L, ...].
+
+    `memory` and `return_layer_inputs` as in `GTrXL.__call__`; with the
+    latter, returns (AgentOutput, layer inputs [B, num_layers, L, d]).
+    """
     chex.assert_rank(obs, 2 + self.obs_ndim)
-    return self.head(self.core(self.encoder(obs), step_type, num_memory_steps))
+    features = self.core(self.encoder(obs), step_type, num_memory_steps,
+                         memory, return_layer_inputs)
+    if return_layer_inputs:
+      features, layer_inputs = features
+      return self.head(features), layer_inputs
+    return self.head(features)
 
   def step(self, obs: chex.Array, step_type: chex.Array,
            cache: GTrXLCache) -> tuple[AgentOutput, GTrXLCache]:

@@ -1,0 +1,220 @@
+"""Segment memory (warm vs cold), stream bookkeeping, stored-teacher replay,
+and the distillation window (issues 7 and 8)."""
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from ald_jax import config as config_lib
+from ald_jax import learner as learner_lib
+from ald_jax import types
+from ald_jax.networks import policy_value
+from ald_jax.system import learner_driver
+
+OBS_DIM, NUM_ACTIONS = 5, 3
+T, C, M = 4, 8, 8
+
+
+def memory_config(**changes) -> config_lib.LearnerConfig:
+  base = config_lib.LearnerConfig(
+      agent="ald", unroll_length=T, learner_context=C, batch_size=2,
+      torso=config_lib.TorsoConfig(mlp_sizes=(16,)),
+      lstm=config_lib.LSTMConfig(hidden_size=16),
+      gtrxl=config_lib.GTrXLConfig(num_layers=2, d_model=16, num_heads=2,
+                                   mlp_size=32, memory_length=M))
+  return dataclasses.replace(base, **changes)
+
+
+def stream_rows(num_streams: int, k: int, firsts=(0,), seed=0) -> types.Batch:
+  """Row k of each stream as the actor builds it: stream steps [kT-C, kT+T],
+  zero/MID padding before step 0, FIRST at the given stream steps."""
+  rng = np.random.default_rng(seed)
+  total = 64   # the same stream data whatever k
+  obs = rng.normal(size=(num_streams, total, OBS_DIM)).astype(np.float32)
+  step_type = np.full((num_streams, total), types.MID, np.int32)
+  step_type[:, list(firsts)] = types.FIRST
+  length = C + T + 1
+  out_obs = np.zeros((num_streams, length, OBS_DIM), np.float32)
+  out_st = np.full((num_streams, length), types.MID, np.int32)
+  for p in range(length):
+    s = k * T - C + p
+    if s >= 0:
+      out_obs[:, p] = obs[:, s]
+      out_st[:, p] = step_type[:, s]
+  return types.Batch(
+      observation=out_obs,
+      action=rng.integers(0, NUM_ACTIONS, (num_streams, length)).astype(
+          np.int32),
+      reward=rng.normal(size=(num_streams, length)).astype(np.float32),
+      discount=np.ones((num_streams, length), np.float32),
+      step_type=out_st,
+      behaviour_logits=np.zeros((num_streams, length, NUM_ACTIONS),
+                                np.float32),
+      actor_state=types.LSTMState(np.zeros((num_streams, 16), np.float32),
+                                  np.zeros((num_streams, 16), np.float32)),
+      stream_id=np.arange(num_streams, dtype=np.int32),
+      unroll_index=np.full(num_streams, k, np.int32))
+
+
+def host(tree):
+  return jax.tree_util.tree_map(np.array, tree)
+
+
+@pytest.mark.parametrize("firsts", [(0,), (0, 2)])
+def test_warm_step_equals_cold_step_over_the_same_history(firsts):
+  learner = learner_lib.make_learner(memory_config(), (OBS_DIM,),
+                                     NUM_ACTIONS)
+  rows0 = stream_rows(2, 0, firsts, seed=0)
+  rows1 = stream_rows(2, 1, firsts, seed=0)
+  state = learner.init(jax.random.PRNGKey(0), rows0)
+  params = host(state.learner_params["net"])   # the step donates the state
+  memory = learner.init_memory(2)
+  _, memory, _, metrics = learner.train_step(state, memory, None, rows0,
+                                             warm=False)
+  assert float(metrics["learner/warm"]) == 0.0
+  # Row 1 re-reads C = 8 >= T context steps: its cold pass sees the whole
+  # stream since step 0, as the memory written by row 0 does.
+  cold, _ = learner.forward(params, rows1)
+  # Streams in the other order: a row reads only its own stream's memory.
+  order = np.array([1, 0])
+  swapped = jax.tree_util.tree_map(lambda x: x[order], rows1)
+  warm, _ = learner.forward(params, swapped,
+                            jax.tree_util.tree_map(lambda x: x[order], memory))
+  np.testing.assert_allclose(np.asarray(warm.logits),
+                             np.asarray(cold.logits)[order], atol=2e-5)
+  np.testing.assert_allclose(np.asarray(warm.value),
+                             np.asarray(cold.value)[order], atol=2e-5)
+
+
+def test_warm_train_step_compiles_once_per_variant():
+  learner = learner_lib.make_learner(memory_config(), (OBS_DIM,),
+                                     NUM_ACTIONS)
+  state = learner.init(jax.random.PRNGKey(0), stream_rows(2, 0))
+  memory = learner.init_memory(2)
+  for k in range(4):
+    state, memory, _, metrics = learner.train_step(
+        state, memory, None, stream_rows(2, k, seed=k), warm=k > 0)
+    assert float(metrics["learner/warm"]) == float(k > 0)
+  assert learner.train_step._cache_size() == 2
+
+
+def test_memory_book_takes_the_cold_path_on_gaps_restarts_and_resume():
+  book = learner_driver.StreamMemoryBook(4)
+  ids = np.array([0, 1])
+  assert not book.is_warm(ids, np.array([0, 0]))   # a stream's first unroll
+  book.record(ids, np.array([0, 0]))
+  assert book.is_warm(ids, np.array([1, 1]))
+  assert not book.is_warm(ids, np.array([1, 2]))   # a gap in stream 1
+  assert not book.is_warm(np.array([0, 2]), np.array([1, 1]))  # 2 unseen
+  book.record(ids, np.array([1, 1]))
+  assert not book.is_warm(ids, np.array([0, 0]))   # restarted actor
+  assert not learner_driver.StreamMemoryBook(4).is_warm(  # resumed run
+      ids, np.array([2, 2]))
+  book.forget(np.array([0]))
+  assert not book.is_warm(ids, np.array([2, 2]))
+  with pytest.raises(ValueError, match="at most once"):
+    book.is_warm(np.array([1, 1]), np.array([2, 2]))
+  with pytest.raises(ValueError, match=r"\[0, 4\)"):
+    book.is_warm(np.array([7]), np.array([2]))
+
+
+def _counting_gtrxl(monkeypatch):
+  calls = {"n": 0}
+  original = policy_value.GTrXLPolicyValueNet.__call__
+
+  def counted(self, *args, **kwargs):
+    calls["n"] += 1
+    return original(self, *args, **kwargs)
+  monkeypatch.setattr(policy_value.GTrXLPolicyValueNet, "__call__", counted)
+  return calls
+
+
+@pytest.mark.parametrize("teacher", ["stored", "recompute"])
+def test_replay_distill_step_uses_stored_teacher_without_the_gtrxl(
+    monkeypatch, teacher):
+  calls = _counting_gtrxl(monkeypatch)
+  cfg = memory_config(distill=config_lib.DistillConfig(teacher=teacher))
+  learner = learner_lib.make_learner(cfg, (OBS_DIM,), NUM_ACTIONS)
+  rows = stream_rows(2, 1)
+  state = learner.init(jax.random.PRNGKey(0), rows)
+  replay = learner.init_replay(4)
+  state, _, replay, _ = learner.train_step(state, (), replay, rows,
+                                           warm=False)
+  assert int(replay.size) == 2
+  calls["n"] = 0
+  kls = []
+  for _ in range(30):
+    state, metrics = learner.replay_distill_step(state, replay)
+    kls.append(float(metrics["distill/policy_kl"]))
+  traced_calls = calls["n"]
+  if teacher == "stored":
+    assert traced_calls == 0
+    assert kls[-1] < 0.5 * kls[0]     # fixed targets: the KL falls
+  else:
+    assert traced_calls > 0
+  assert int(state.distill_step) == 30
+
+
+def cue_batch(rng, batch_size, *, span=30):
+  """Rows of C=32, T=16: a cue (one-hot of 2) at position p, a decision flag
+  at q = p + span inside the unroll, zeros elsewhere; FIRST at position 0."""
+  length = 32 + 16 + 1
+  obs = np.zeros((batch_size, length, 4), np.float32)
+  cues = rng.integers(0, 2, batch_size)
+  decisions = rng.integers(32, 48, batch_size)
+  for i, (cue, q) in enumerate(zip(cues, decisions)):
+    obs[i, q - span, cue] = 1.0
+    obs[i, q, 2] = 1.0
+  obs[:, :, 3] = 1.0   # a bias feature
+  step_type = np.full((batch_size, length), types.MID, np.int32)
+  step_type[:, 0] = types.FIRST
+  # The teacher knows: at the decision it picks the cue; elsewhere uniform.
+  teacher_logits = np.zeros((batch_size, 16, 2), np.float32)
+  for i, (cue, q) in enumerate(zip(cues, decisions)):
+    teacher_logits[i, q - 32, cue] = 4.0
+  batch = types.Batch(
+      observation=obs, action=np.zeros((batch_size, length), np.int32),
+      reward=np.zeros((batch_size, length), np.float32),
+      discount=np.ones((batch_size, length), np.float32), step_type=step_type,
+      behaviour_logits=np.zeros((batch_size, length, 2), np.float32),
+      actor_state=types.LSTMState(np.zeros((batch_size, 32), np.float32),
+                                  np.zeros((batch_size, 32), np.float32)))
+  teacher = types.AgentOutput(teacher_logits,
+                              np.zeros((batch_size, 16), np.float32))
+  return batch, teacher, cues, decisions
+
+
+@pytest.mark.parametrize("actor_context, expect_learned",
+                         [(None, True), (0, False)])
+def test_distillation_window_teaches_a_memory_longer_than_the_unroll(
+    actor_context, expect_learned):
+  cfg = config_lib.LearnerConfig(
+      agent="ald", unroll_length=16, learner_context=32, batch_size=32,
+      actor_context=actor_context,
+      torso=config_lib.TorsoConfig(mlp_sizes=(16,)),
+      lstm=config_lib.LSTMConfig(hidden_size=32),
+      gtrxl=config_lib.GTrXLConfig(num_layers=1, d_model=16, num_heads=2,
+                                   mlp_size=16, memory_length=32),
+      distill=config_lib.DistillConfig(value_cost=0.0),
+      actor_optimizer=config_lib.OptimizerConfig(learning_rate=3e-3))
+  learner = learner_lib.make_learner(cfg, (4,), 2)
+  rng = np.random.default_rng(0)
+  batch, teacher, _, _ = cue_batch(rng, 32)
+  state = learner.init(jax.random.PRNGKey(0), batch)
+  for _ in range(400):
+    batch, teacher, _, _ = cue_batch(rng, 32)
+    # A distill-only update through the replay path, with a fixed teacher.
+    replay = learner_lib.Replay(rows=batch, teacher=teacher,
+                                next=np.zeros((), np.int32),
+                                size=np.asarray(32, np.int32))
+    state, _ = learner.replay_distill_step(state, replay)
+  batch, _, cues, decisions = cue_batch(np.random.default_rng(1), 256)
+  out = learner.actor_forward(state.actor_params, batch)
+  chosen = np.argmax(np.asarray(out.logits)[np.arange(256), decisions - 32],
+                     axis=-1)
+  agreement = float(np.mean(chosen == cues))
+  if expect_learned:
+    assert agreement >= 0.95, agreement
+  else:
+    assert agreement < 0.8, agreement
