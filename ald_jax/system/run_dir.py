@@ -84,10 +84,16 @@ class RunDirLock:
       if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
         raise
       holder = read_lock_holder(self.run_dir)
+      if holder is None:
+        who = "pid unknown"
+      elif _is_alive(holder):
+        who = f"pid {holder}"
+      else:  # a child forked while the lock was held outlived its parent
+        who = (f"pid {holder}, no longer running: a process it forked still "
+               "holds the lock")
       raise RunDirLockedError(
-          f"logdir: {self.run_dir} is in use by another run (pid "
-          f"{holder if holder is not None else 'unknown'}); wait for it to "
-          "end or choose another --logdir") from None
+          f"logdir: {self.run_dir} is in use by another run ({who}); wait "
+          "for it to end or choose another --logdir") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     os.fsync(fd)
@@ -112,6 +118,16 @@ class RunDirLock:
 
   def __exit__(self, *exc_info) -> None:
     self.release()
+
+
+def _is_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # exists, owned by another user
+    return True
+  return True
 
 
 def read_lock_holder(run_dir: str | os.PathLike) -> int | None:
