@@ -160,6 +160,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else max_to_keep,
         create=not read_only, read_only=read_only,
+        save_interval_steps=0 if read_only else 1,  # orbax warns otherwise
         enable_async_checkpointing=async_save)
     if not read_only:
       remove_temporary_dirs(self.directory)
