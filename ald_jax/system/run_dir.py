@@ -45,8 +45,6 @@ ALWAYS_ALLOWED = (
     "t_actor_policy",
     "t_actor_budget_ms",      # a threshold for refusal and overrun counts
 )
-# Config values kept whole: a change names the field, not a list index.
-_LEAF_FIELDS = ("env_kwargs",)
 
 
 class RunDirLockedError(config_lib.ConfigError):
@@ -176,11 +174,12 @@ def write_segment_config(run_dir: str | os.PathLike, segment: int,
 
 def flatten_config(tree: Mapping[str, Any], prefix: str = ""
                    ) -> dict[str, Any]:
-  """`{"learner.discount": 0.99, ...}` from a (JSON) config dict."""
+  """`{"learner.discount": 0.99, ...}` from a (JSON) config dict; lists
+  (tuples, `env_kwargs` pairs) stay whole values."""
   flat = {}
   for name, value in tree.items():
     path = f"{prefix}{name}"
-    if isinstance(value, Mapping) and name not in _LEAF_FIELDS:
+    if isinstance(value, Mapping):
       flat.update(flatten_config(value, path + "."))
     else:
       flat[path] = value
