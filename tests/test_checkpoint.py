@@ -1,6 +1,10 @@
-"""Orbax checkpoints: roundtrip, keep-last-N, newest wins, atomicity."""
+"""Orbax checkpoints: roundtrip, keep-last-N, newest wins, atomicity, leaf
+checks on restore, and a save killed with SIGKILL."""
 import dataclasses
 import os
+import signal
+import subprocess
+import sys
 
 import flax.struct
 import jax
@@ -128,3 +132,161 @@ def test_to_jsonable_rejects_unknown_types():
       "c": {"sizes": [1, 2]}, "x": 0.5}
   with pytest.raises(TypeError, match="metadata"):
     checkpoint.to_jsonable({"f": object()})
+
+
+# ---- restore checks each leaf's shape and dtype ------------------------------
+
+def test_restore_refuses_a_dtype_change_naming_the_leaf(tmp_path):
+  with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
+    ckpt.save(1, _state(1), _metadata(1))
+    # The stored int32 step restored into a float32 target: orbax would cast.
+    target = _state(0).replace(step=jnp.zeros((), jnp.float32))
+    with pytest.raises(checkpoint.CheckpointMismatchError) as info:
+      ckpt.restore(1, target)
+  message = str(info.value)
+  assert "step: stored int32[], target float32[]" in message
+  assert "(1 leaves" in message  # every other leaf matches
+
+
+def test_restore_refuses_a_shape_change_naming_every_leaf(tmp_path):
+  directory = tmp_path / "ckpt"
+  with checkpoint.Checkpointer(directory) as ckpt:
+    ckpt.save(1, _state(1), _metadata(1))
+  params = {"w": jnp.zeros((4, 2)), "b": jnp.zeros((2,))}
+  opt_state = optax.adam(1e-3).init(params)
+  target = _state(0).replace(params=params, opt_state=opt_state)
+  # restore_latest does not fall back past a mismatch: older steps of the
+  # same run have the same structure.
+  with pytest.raises(checkpoint.CheckpointMismatchError) as info:
+    checkpoint.restore_latest(directory, target)
+  message = str(info.value)
+  for leaf in ("params/w", "opt_state/0/mu/w", "opt_state/0/nu/w"):
+    assert f"{leaf}: stored float32[3, 2], target float32[4, 2]" in message
+  assert "(3 leaves" in message and "params/b" not in message
+
+
+def test_restore_names_leaves_on_one_side_only(tmp_path):
+  with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
+    ckpt.save(1, {"a": jnp.zeros(2), "b": jnp.zeros(3)}, {})
+    with pytest.raises(checkpoint.CheckpointMismatchError) as info:
+      ckpt.restore(1, {"a": jnp.zeros(2), "c": jnp.zeros(3)})
+  assert "b: in the checkpoint, not in the target" in str(info.value)
+  assert "c: in the target, not in the checkpoint" in str(info.value)
+
+
+def test_leaf_mismatches_compares_typed_keys_as_key_data():
+  stored = {"key": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+  assert checkpoint.leaf_mismatches(stored, {"key": jax.random.key(0)}) == []
+  assert checkpoint.leaf_mismatches(
+      stored, {"key": jax.random.split(jax.random.key(0), 3)}) == [
+          "key: stored uint32[2], target uint32[3, 2]"]
+
+
+def test_read_metadata_without_the_state(tmp_path):
+  directory = tmp_path / "ckpt"
+  assert checkpoint.read_latest_metadata(directory) is None
+  with checkpoint.Checkpointer(directory) as ckpt:
+    ckpt.save(1, _state(1), _metadata(1))
+    ckpt.save(2, _state(2), _metadata(2))
+    assert ckpt.read_metadata(1)["learner_steps"] == 1
+  step, meta = checkpoint.read_latest_metadata(directory)
+  assert step == 2 and meta["env_steps"] == 200
+  assert meta["config"]["agent"] == "ald"
+
+
+# ---- leftovers of a crashed save -------------------------------------------
+
+def _make_tmp_save(directory, name):
+  path = directory / name
+  os.makedirs(path / "state")
+  (path / "state" / "partial").write_bytes(b"\0" * 16)
+  return path
+
+
+def test_writable_checkpointer_removes_unfinished_saves(tmp_path):
+  directory = tmp_path / "ckpt"
+  with checkpoint.Checkpointer(directory) as ckpt:
+    ckpt.save(1, _state(1), _metadata(1))
+  # The names orbax gives an unfinished step (the installed version's and
+  # an older timestamped form).
+  _make_tmp_save(directory, "2" + checkpoint.TMP_DIR_MARKER)
+  _make_tmp_save(directory, f"3{checkpoint.TMP_DIR_MARKER}-1764100000")
+  assert checkpoint.TMP_DIR_MARKER == ".orbax-checkpoint-tmp"
+  # Readers leave them alone (a writer may own them).
+  checkpoint.restore_latest(directory, _state(0))
+  assert len(os.listdir(directory)) == 3
+  with checkpoint.Checkpointer(directory) as ckpt:
+    assert sorted(os.listdir(directory)) == ["1"]
+    assert ckpt.save(2, _state(2), _metadata(2))  # the same step saves again
+  _, meta = checkpoint.restore_latest(directory, _state(0))
+  assert meta["learner_steps"] == 2
+  assert checkpoint.remove_temporary_dirs(tmp_path / "missing") == []
+
+
+_SAVE_LOOP = r"""
+import sys, threading
+import numpy as np
+import orbax.checkpoint as ocp
+from ald_jax import checkpoint
+
+directory, hang_at = sys.argv[1], int(sys.argv[2])
+
+async def hang(*args, **kwargs):
+  print("writing", hang_at, flush=True)
+  threading.Event().wait()  # killed here, mid-save
+
+with checkpoint.Checkpointer(directory, max_to_keep=2) as ckpt:
+  for step in range(1, hang_at + 1):
+    if step == hang_at:
+      ocp.handlers.JsonCheckpointHandler.async_save = hang
+    state = {"w": np.full((256, 256), step, np.float32),
+             "step": np.asarray(step, np.int64)}
+    ckpt.save(step, state, {"learner_steps": step, "env_steps": 100 * step})
+    print("saved", step, flush=True)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_kill_9_during_a_save_then_resume_loads_the_previous(tmp_path):
+  directory = tmp_path / "ckpt"
+  script = tmp_path / "save_loop.py"
+  script.write_text(_SAVE_LOOP)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [os.path.dirname(os.path.dirname(os.path.abspath(checkpoint.__file__)))]
+      + os.environ.get("PYTHONPATH", "").split(os.pathsep)),
+             JAX_PLATFORMS="cpu")
+  with open(tmp_path / "stderr.txt", "wb") as stderr:
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(directory), "4"],
+        stdout=subprocess.PIPE, stderr=stderr, env=env, text=True)
+  try:
+    lines = []
+    for line in child.stdout:  # blocks until the child reports, or exits
+      lines.append(line.strip())
+      if line.startswith("writing"):
+        break
+    assert lines == ["saved 1", "saved 2", "saved 3", "writing 4"], (
+        lines, (tmp_path / "stderr.txt").read_text()[-3000:])
+    child.kill()  # SIGKILL: no handler, no cleanup
+  finally:
+    child.kill()
+    child.wait(timeout=60)
+    child.stdout.close()
+  assert child.returncode == -signal.SIGKILL
+  names = sorted(os.listdir(directory))
+  assert "4" not in names
+  assert any(checkpoint.TMP_DIR_MARKER in n for n in names), names
+  target = {"w": np.zeros((256, 256), np.float32),
+            "step": np.zeros((), np.int64)}
+  state, meta = checkpoint.restore_latest(directory, target)
+  assert meta == {"learner_steps": 3, "env_steps": 300}
+  np.testing.assert_array_equal(state["w"], np.full((256, 256), 3, np.float32))
+  # The resumed run cleans the unfinished save and its counters continue.
+  with checkpoint.Checkpointer(directory, max_to_keep=2) as ckpt:
+    assert ckpt.all_steps() == [2, 3]
+    assert not any(checkpoint.TMP_DIR_MARKER in n
+                   for n in os.listdir(directory))
+    ckpt.save(4, dict(target, step=np.asarray(4, np.int64)),
+              {"learner_steps": 4, "env_steps": 400})
+  _, meta = checkpoint.restore_latest(directory, target)
+  assert meta["learner_steps"] == 4
