@@ -218,6 +218,7 @@ class MetricsWriter:
     self._csv_writer = None
     self._csv_fields: list[str] = []
     self._rows_written = 0
+    self._last_step = 0
     self._tensorboard = None
     if tensorboard is None:
       tensorboard = available
@@ -315,9 +316,24 @@ class MetricsWriter:
     step = row.get(ENV_STEPS)
     if not isinstance(step, (int, float)) or isinstance(step, bool):
       step = self._rows_written
+    self._last_step = int(step)
     for tag, value in _scalars(row).items():
-      self._tensorboard.add_scalar(tag, value, global_step=int(step))
+      self._tensorboard.add_scalar(tag, value, global_step=self._last_step)
     self._tensorboard.flush()
+
+  def write_image(self, tag: str, png_path: str | os.PathLike) -> bool:
+    """Adds a PNG (e.g. the learning curves) to TensorBoard's Images tab at
+    the last row's step. Returns False (and does nothing) when TensorBoard
+    is off."""
+    if self._tensorboard is None:
+      return False
+    from PIL import Image  # pylint: disable=g-import-not-at-top (matplotlib's)
+    with Image.open(os.fspath(png_path)) as image:
+      pixels = np.asarray(image.convert("RGB"))
+    self._tensorboard.add_image(tag, pixels, global_step=self._last_step,
+                                dataformats="HWC")
+    self._tensorboard.flush()
+    return True
 
   @property
   def tensorboard(self) -> bool:

@@ -2,6 +2,9 @@
 import csv
 import json
 import math
+import os
+import struct
+import sys
 
 import numpy as np
 import pytest
@@ -93,33 +96,40 @@ def test_progress_line():
 # -- TensorBoard ---------------------------------------------------------------
 
 
-def _read_tensorboard_scalars(run_dir) -> dict[str, dict[int, float]]:
-  """{tag: {step: value}} from every event file in `run_dir`.
+def _events(run_dir) -> list:
+  """Every Event of every event file in `run_dir`, files in name order.
 
   Event files are TFRecords: [uint64 length][uint32 crc][Event proto][uint32
-  crc]; the protos come from tensorboardX. Later files win (a resumed run).
+  crc]; the protos come from tensorboardX.
   """
-  import os  # pylint: disable=g-import-not-at-top
-  import struct  # pylint: disable=g-import-not-at-top
   from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
-  scalars: dict[str, dict[int, float]] = {}
   files = sorted(f for f in os.listdir(run_dir) if "tfevents" in f)
   assert files, f"no event file in {run_dir}"
+  events = []
   for name in files:
     data = open(os.path.join(run_dir, name), "rb").read()
     offset = 0
     while offset < len(data):
       (length,) = struct.unpack("<Q", data[offset:offset + 8])
-      event = event_pb2.Event.FromString(
-          data[offset + 12:offset + 12 + length])
+      events.append(event_pb2.Event.FromString(
+          data[offset + 12:offset + 12 + length]))
       offset += 12 + length + 4
-      purged = event.HasField("session_log") and event.session_log.status == (
-          event_pb2.SessionLog.START)
-      if purged:  # a resume: steps >= this one are superseded
-        for series in scalars.values():
-          for step in [s for s in series if s >= event.step]:
-            del series[step]
-      for value in event.summary.value:
+  return events
+
+
+def _read_tensorboard_scalars(run_dir) -> dict[str, dict[int, float]]:
+  """{tag: {step: value}} as TensorBoard shows them (a resume's purge
+  marker hides the earlier events at or after its step)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  scalars: dict[str, dict[int, float]] = {}
+  for event in _events(run_dir):
+    if event.HasField("session_log") and (
+        event.session_log.status == event_pb2.SessionLog.START):
+      for series in scalars.values():
+        for step in [s for s in series if s >= event.step]:
+          del series[step]
+    for value in event.summary.value:
+      if not value.HasField("image"):
         scalars.setdefault(value.tag, {})[event.step] = value.simple_value
   return scalars
 
@@ -166,8 +176,6 @@ def test_tensorboard_resume_hides_rows_after_the_checkpoint(tmp_path):
 
 
 def test_tensorboard_default_follows_availability(tmp_path, monkeypatch):
-  import os  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
   installed = metrics.tensorboard_available()
   with metrics.MetricsWriter(tmp_path / "default") as writer:
     assert writer.tensorboard == installed
@@ -184,3 +192,19 @@ def test_tensorboard_default_follows_availability(tmp_path, monkeypatch):
     metrics.MetricsWriter(tmp_path / "forced", tensorboard=True)
   with pytest.raises(ValueError, match="tensorboard"):
     metrics.MetricsWriter(tmp_path / "bad", tensorboard="yes")
+
+
+def test_tensorboard_image_from_png(tmp_path):
+  pytest.importorskip("tensorboardX")
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  png = tmp_path / "curves.png"
+  Image.new("RGB", (6, 4), (255, 0, 0)).save(png)
+  with metrics.MetricsWriter(tmp_path / "run", tensorboard=True) as writer:
+    writer.write(_rows(1)[0])
+    assert writer.write_image("curves", png)
+  with metrics.MetricsWriter(tmp_path / "off", tensorboard=False) as writer:
+    assert not writer.write_image("curves", png)
+  images = [(event.step, v.image) for event in _events(tmp_path / "run")
+            for v in event.summary.value if v.HasField("image")]
+  ((step, image),) = images
+  assert step == 100 and (image.width, image.height) == (6, 4)
