@@ -137,10 +137,18 @@ def test_adapt_observation_errors_name_the_option():
     AdaptObservation(_minigrid_like_dm_env(), observation_key=1.5)
 
 
-def test_adapt_observation_scales():
-  env = AdaptObservation(_minigrid_like_dm_env(), observation_key="image",
-                         observation_scale=1 / 255)
+def test_adapt_observation_scales_and_logs_the_choice(caplog):
+  specs_lib._LOGGED.clear()  # pylint: disable=protected-access
+  with caplog.at_level("INFO"):
+    raw = AdaptObservation(_minigrid_like_dm_env(), observation_key="image")
+    env = AdaptObservation(_minigrid_like_dm_env(), observation_key="image",
+                           observation_scale=1 / 255)
+  np.testing.assert_array_equal(raw.reset().observation, 2.0)
   np.testing.assert_allclose(env.reset().observation, 2 / 255, rtol=1e-6)
+  messages = [r.getMessage() for r in caplog.records]
+  assert any("observation_scale=1/255" in m and m.endswith("scaled by 1")
+             for m in messages)
+  assert any(m.endswith("scaled by 0.00392157") for m in messages)
 
 
 # -- gymnasium: MiniGrid-style Dict observations -----------------------------

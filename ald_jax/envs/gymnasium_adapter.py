@@ -38,6 +38,7 @@ from ald_jax.envs.batched import EnvFactory
 from ald_jax.envs.specs import check_observation_options
 from ald_jax.envs.specs import log_once
 from ald_jax.envs.specs import select_entry
+from ald_jax.envs.specs import unscaled_uint8_note
 from ald_jax.envs.specs import UnsupportedEnvironmentError
 from ald_jax.envs.specs import validate_environment
 
@@ -129,11 +130,8 @@ class GymnasiumEnv(dm_env.Environment):
             f"{entry}gymnasium Box observation dtype {dtype}, which is not "
             f"numeric")
       shape = tuple(int(d) for d in obs_space.shape)
-      encoding = f"Box {shape} {dtype}"
-      if (dtype == np.uint8 and self._scale == 1.0
-          and np.max(obs_space.high) > 1):
-        encoding += (" (unscaled: pass observation_scale=1/255 if these are "
-                     "0-255 pixel intensities)")
+      encoding = f"Box {shape} {dtype}" + unscaled_uint8_note(
+          dtype, obs_space.high, float(self._scale))
     elif isinstance(obs_space, spaces.Discrete):
       self._one_hot_start = int(obs_space.start)
       shape = (int(obs_space.n),)

@@ -267,6 +267,14 @@ class FlattenObservation(dm_env.Environment):
 # -- AdaptObservation ----------------------------------------------------------
 
 
+def unscaled_uint8_note(dtype: Any, maximum: Any, scale: float) -> str:
+  """A hint for the start-up log when 0-255 values would reach the torso."""
+  if np.dtype(dtype) == np.uint8 and scale == 1.0 and np.max(maximum) > 1:
+    return (" (unscaled: pass observation_scale=1/255 if these are 0-255 "
+            "pixel intensities)")
+  return ""
+
+
 def check_observation_options(observation_key: Any,
                               observation_scale: Any) -> float:
   """Checks the two observation options; returns the scale as a float."""
@@ -334,9 +342,11 @@ class AdaptObservation(dm_env.Environment):
           f"observation entry {observation_key!r} must be a numeric "
           f"dm_env.specs.Array, got {spec!r}")
     self._spec = specs.Array(spec.shape, np.float32, name="observation")
+    maximum = getattr(spec, "maximum", 255)  # unbounded uint8: up to 255
     log_once(f"{type(env).__name__}: observation entry {observation_key!r} "
-             f"(shape {tuple(spec.shape)}, {np.dtype(spec.dtype)}) scaled by "
-             f"{self._scale:g}")
+             f"(shape {tuple(spec.shape)}, {np.dtype(spec.dtype)}"
+             f"{unscaled_uint8_note(spec.dtype, maximum, self._scale)}) "
+             f"scaled by {self._scale:g}")
 
   def _adapt(self, timestep: dm_env.TimeStep) -> dm_env.TimeStep:
     obs = timestep.observation
