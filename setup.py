@@ -25,8 +25,13 @@ setuptools.setup(
     ],
     extras_require={
         # rlax is a test-only oracle: at runtime it would drag in distrax and TFP.
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "rlax>=0.1.6", "gymnasium>=1.0"],
+        # tensorboardX in "test" too: `make` installs .[test] and the metrics
+        # tests read its event files back.
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "rlax>=0.1.6", "gymnasium>=1.0",
+                 "tensorboardX>=2.6"],
         "gymnasium": ["gymnasium>=1.0"],
+        # TensorBoard scalars from MetricsWriter (writes event files; no TF).
+        "tensorboard": ["tensorboardX>=2.6"],
         "cuda": ["jax[cuda12]>=0.10"],
     },
     entry_points={"console_scripts": ["ald-train=ald_jax.train:run_cli"]},

@@ -3,6 +3,12 @@
 One row per report, flat `{name: number | str}`. The standard names below are
 what `format_progress` and `ald_jax.plot` read; a row may hold any others.
 Non-finite floats are written as JSON null / empty CSV cells.
+
+TensorBoard (optional extra `pip install 'ald_jax[tensorboard]'`, i.e.
+tensorboardX): `MetricsWriter` also writes every finite numeric entry of
+every row as a scalar, tagged with its metric name, at step `env_steps`, to
+an event file in the run directory (`tensorboard --logdir runs/`). JSONL/CSV
+stay the source of truth (plots and resume read them).
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import numpy as np
 JSONL_NAME = "metrics.jsonl"
 CSV_NAME = "metrics.csv"
 FORMATS = ("jsonl", "csv")
+TENSORBOARD_INSTALL_HINT = "pip install 'ald_jax[tensorboard]'"
 
 # Standard row keys.
 WALL_TIME = "wall_time_s"
@@ -140,6 +147,21 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
   return _read_csv(path) if path.endswith(".csv") else _read_jsonl(path)
 
 
+def tensorboard_available() -> bool:
+  """Whether tensorboardX (the optional `tensorboard` extra) is importable."""
+  try:
+    import tensorboardX  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return False
+  return True
+
+
+def _scalars(row: Mapping[str, Any]) -> dict[str, float]:
+  """The finite numeric entries of a cleaned row (strings and nulls skipped)."""
+  return {k: float(v) for k, v in row.items()
+          if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
 def _keep_row(row: Mapping[str, Any], keep_until: tuple[str, float] | None
               ) -> bool:
   if keep_until is None:
@@ -158,7 +180,13 @@ class MetricsWriter:
     resume: append to existing files instead of starting new ones.
     keep_until: with `resume`, `(key, value)`: drop existing rows whose `key`
       exceeds `value` first, e.g. `("env_steps", restored_env_steps)` so the
-      rows written after the restored checkpoint are not duplicated.
+      rows written after the restored checkpoint are not duplicated (in
+      TensorBoard they are hidden: events after that step are purged).
+    tensorboard: also write the numeric entries of every row as TensorBoard
+      scalars into `run_dir` (tag = metric name, step = the row's
+      `env_steps`, else the row's index). None (default): on when tensorboardX
+      is installed, off otherwise; True without tensorboardX raises. The
+      choice is logged.
 
   Rows are flushed as written. A CSV row with new keys rewrites the CSV with
   the widened header (rare: the run writes one schema).
@@ -166,11 +194,19 @@ class MetricsWriter:
 
   def __init__(self, run_dir: str | os.PathLike,
                formats: Sequence[str] = FORMATS, resume: bool = False,
-               keep_until: tuple[str, float] | None = None):
+               keep_until: tuple[str, float] | None = None,
+               tensorboard: bool | None = None):
     unknown = set(formats) - set(FORMATS)
     if unknown or not formats:
       raise ValueError(f"metrics formats must be a non-empty subset of "
                        f"{FORMATS}, got {tuple(formats)}")
+    if tensorboard is not None and not isinstance(tensorboard, bool):
+      raise ValueError(f"tensorboard must be True, False or None (on when "
+                       f"tensorboardX is installed), got {tensorboard!r}")
+    available = tensorboard_available()
+    if tensorboard and not available:
+      raise ImportError(f"tensorboard=True needs tensorboardX, which is not "
+                        f"installed: {TENSORBOARD_INSTALL_HINT}")
     self.run_dir = os.fspath(run_dir)
     os.makedirs(self.run_dir, exist_ok=True)
     self.jsonl_path = (os.path.join(self.run_dir, JSONL_NAME)
@@ -181,6 +217,27 @@ class MetricsWriter:
     self._csv_file = None
     self._csv_writer = None
     self._csv_fields: list[str] = []
+    self._rows_written = 0
+    self._last_step = 0
+    self._tensorboard = None
+    if tensorboard is None:
+      tensorboard = available
+      if not available:
+        logging.info("TensorBoard scalars off: tensorboardX is not installed "
+                     "(%s)", TENSORBOARD_INSTALL_HINT)
+    if tensorboard:
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      purge_step = None
+      if resume and keep_until and keep_until[0] == ENV_STEPS:
+        purge_step = int(keep_until[1]) + 1
+      # Event file names hold the time in whole seconds; a numbered suffix
+      # keeps a quick resume from overwriting the previous segment's file.
+      previous = [f for f in os.listdir(self.run_dir) if "tfevents" in f]
+      self._tensorboard = tensorboardX.SummaryWriter(
+          self.run_dir, purge_step=purge_step,
+          filename_suffix=f".{len(previous):03d}")
+      logging.info("TensorBoard scalars on: %s (tensorboard --logdir %s)",
+                   self.run_dir, self.run_dir)
 
     if self.jsonl_path:
       if resume and os.path.exists(self.jsonl_path) and keep_until:
@@ -251,12 +308,46 @@ class MetricsWriter:
       self._jsonl.flush()
     if self.csv_path:
       self._write_csv(row)
+    if self._tensorboard is not None:
+      self._write_tensorboard(row)
+    self._rows_written += 1
+
+  def _write_tensorboard(self, row: dict[str, Any]) -> None:
+    step = row.get(ENV_STEPS)
+    if not isinstance(step, (int, float)) or isinstance(step, bool):
+      step = self._rows_written
+    self._last_step = int(step)
+    for tag, value in _scalars(row).items():
+      self._tensorboard.add_scalar(tag, value, global_step=self._last_step)
+    self._tensorboard.flush()
+
+  def write_image(self, tag: str, png_path: str | os.PathLike) -> bool:
+    """Adds a PNG (e.g. the learning curves) to TensorBoard's Images tab at
+    the last row's step. Returns False (and does nothing) when TensorBoard
+    is off."""
+    if self._tensorboard is None:
+      return False
+    from PIL import Image  # pylint: disable=g-import-not-at-top (matplotlib's)
+    with Image.open(os.fspath(png_path)) as image:
+      pixels = np.asarray(image.convert("RGB"))
+    self._tensorboard.add_image(tag, pixels, global_step=self._last_step,
+                                dataformats="HWC")
+    self._tensorboard.flush()
+    return True
+
+  @property
+  def tensorboard(self) -> bool:
+    """Whether rows also go to TensorBoard."""
+    return self._tensorboard is not None
 
   def close(self) -> None:
     for f in (self._jsonl, self._csv_file):
       if f is not None:
         f.close()
     self._jsonl = self._csv_file = self._csv_writer = None
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+      self._tensorboard = None
 
   def __enter__(self) -> "MetricsWriter":
     return self

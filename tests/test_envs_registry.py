@@ -166,7 +166,7 @@ def test_validate_rejects_action_specs(act_spec, message):
     ({"a": specs.Array((2,), np.float32)}, "FlattenObservation"),
     ((specs.Array((2,), np.float32),), "nested"),
     (specs.Array((2,), np.str_), "not numeric"),
-    (specs.Array((4, 4), np.float32), "rank 2"),
+    (specs.Array((2, 2, 2, 2), np.float32), "rank 4"),
     (specs.Array((), np.float32), "rank 0"),
     (specs.Array((0,), np.float32), "empty"),
 ])

@@ -2,6 +2,9 @@
 import csv
 import json
 import math
+import os
+import struct
+import sys
 
 import numpy as np
 import pytest
@@ -88,3 +91,120 @@ def test_progress_line():
     assert part in line, (part, line)
   sparse = metrics.format_progress({"env_steps": 10, "success_rate": None})
   assert "steps 10" in sparse and "success -" in sparse and "sps -" in sparse
+
+
+# -- TensorBoard ---------------------------------------------------------------
+
+
+def _events(run_dir) -> list:
+  """Every Event of every event file in `run_dir`, files in name order.
+
+  Event files are TFRecords: [uint64 length][uint32 crc][Event proto][uint32
+  crc]; the protos come from tensorboardX.
+  """
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  files = sorted(f for f in os.listdir(run_dir) if "tfevents" in f)
+  assert files, f"no event file in {run_dir}"
+  events = []
+  for name in files:
+    data = open(os.path.join(run_dir, name), "rb").read()
+    offset = 0
+    while offset < len(data):
+      (length,) = struct.unpack("<Q", data[offset:offset + 8])
+      events.append(event_pb2.Event.FromString(
+          data[offset + 12:offset + 12 + length]))
+      offset += 12 + length + 4
+  return events
+
+
+def _read_tensorboard_scalars(run_dir) -> dict[str, dict[int, float]]:
+  """{tag: {step: value}} as TensorBoard shows them (a resume's purge
+  marker hides the earlier events at or after its step)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  scalars: dict[str, dict[int, float]] = {}
+  for event in _events(run_dir):
+    if event.HasField("session_log") and (
+        event.session_log.status == event_pb2.SessionLog.START):
+      for series in scalars.values():
+        for step in [s for s in series if s >= event.step]:
+          del series[step]
+    for value in event.summary.value:
+      if not value.HasField("image"):
+        scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+  return scalars
+
+
+def test_tensorboard_scalars_match_jsonl_rows(tmp_path):
+  pytest.importorskip("tensorboardX")
+  rows = _rows(3)
+  rows[1]["eval/actor_return"] = 0.75  # a key only one row has
+  with metrics.MetricsWriter(tmp_path, tensorboard=True) as writer:
+    assert writer.tensorboard
+    for row in rows:
+      writer.write(row)
+  jsonl = metrics.read_metrics(tmp_path)
+  scalars = _read_tensorboard_scalars(tmp_path)
+  expected: dict[str, dict[int, float]] = {}
+  for row in jsonl:
+    for key, value in row.items():
+      if isinstance(value, (int, float)):
+        expected.setdefault(key, {})[row["env_steps"]] = value
+  # Strings ("agent") and nulls (NaN success) are not scalars.
+  assert set(scalars) == {"env_steps", "episode_return", "success_rate",
+                          "eval/actor_return"}
+  assert scalars.keys() == expected.keys()
+  for tag, series in expected.items():
+    assert scalars[tag] == pytest.approx(series), tag
+  assert scalars["success_rate"] == {200: 0.25, 300: 0.5}
+  assert scalars["eval/actor_return"] == {200: 0.75}
+
+
+def test_tensorboard_resume_hides_rows_after_the_checkpoint(tmp_path):
+  pytest.importorskip("tensorboardX")
+  with metrics.MetricsWriter(tmp_path, tensorboard=True) as writer:
+    for row in _rows(4):
+      writer.write(row)
+  with metrics.MetricsWriter(tmp_path, resume=True, tensorboard=True,
+                             keep_until=("env_steps", 200)) as writer:
+    for row in _rows(2, start=2):
+      writer.write({**row, "episode_return": -1.0})
+  scalars = _read_tensorboard_scalars(tmp_path)
+  assert scalars["episode_return"] == {100: 0.0, 200: 0.5, 300: -1.0,
+                                       400: -1.0}
+  assert [r["episode_return"] for r in metrics.read_metrics(tmp_path)] == [
+      0.0, 0.5, -1.0, -1.0]
+
+
+def test_tensorboard_default_follows_availability(tmp_path, monkeypatch):
+  installed = metrics.tensorboard_available()
+  with metrics.MetricsWriter(tmp_path / "default") as writer:
+    assert writer.tensorboard == installed
+  with metrics.MetricsWriter(tmp_path / "off", tensorboard=False) as writer:
+    writer.write(_rows(1)[0])
+    assert not writer.tensorboard
+  assert sorted(os.listdir(tmp_path / "off")) == ["metrics.csv",
+                                                   "metrics.jsonl"]
+  monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import now fails
+  assert not metrics.tensorboard_available()
+  with metrics.MetricsWriter(tmp_path / "missing") as writer:
+    assert not writer.tensorboard
+  with pytest.raises(ImportError, match=r"ald_jax\[tensorboard\]"):
+    metrics.MetricsWriter(tmp_path / "forced", tensorboard=True)
+  with pytest.raises(ValueError, match="tensorboard"):
+    metrics.MetricsWriter(tmp_path / "bad", tensorboard="yes")
+
+
+def test_tensorboard_image_from_png(tmp_path):
+  pytest.importorskip("tensorboardX")
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  png = tmp_path / "curves.png"
+  Image.new("RGB", (6, 4), (255, 0, 0)).save(png)
+  with metrics.MetricsWriter(tmp_path / "run", tensorboard=True) as writer:
+    writer.write(_rows(1)[0])
+    assert writer.write_image("curves", png)
+  with metrics.MetricsWriter(tmp_path / "off", tensorboard=False) as writer:
+    assert not writer.write_image("curves", png)
+  images = [(event.step, v.image) for event in _events(tmp_path / "run")
+            for v in event.summary.value if v.HasField("image")]
+  ((step, image),) = images
+  assert step == 100 and (image.width, image.height) == (6, 4)

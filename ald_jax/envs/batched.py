@@ -37,7 +37,7 @@ class BatchedTimeStep(NamedTuple):
   step_type: np.ndarray        # [E] int32: 0 FIRST, 1 MID, 2 LAST
   reward: np.ndarray           # [E] float32, 0.0 at FIRST
   discount: np.ndarray         # [E] float32, 1.0 at FIRST
-  observation: np.ndarray      # [E, *obs_shape] float32
+  observation: np.ndarray      # [E, *obs_shape] float32 (rank 2 flattened)
   # Finished-episode statistics, set only where step_type is LAST:
   episode_return: np.ndarray   # [E] float32: the episode's return, else NaN
   episode_success: np.ndarray  # [E] float32: 1.0 / 0.0 if reported, else NaN
@@ -89,6 +89,10 @@ class BatchedEnv:
           f"{sorted(set(infos))}; all E environments of a BatchedEnv must "
           f"share one observation shape and action count")
     self._info = infos[0]
+    self._spec_shape = tuple(
+        int(d) for d in self._envs[0].observation_spec().shape)
+    # Rank-2 observations are flattened (specs.obs_shape_from_spec).
+    self._flatten = self._spec_shape != self._info.obs_shape
     self._success_fns = [getattr(env, "episode_success", None)
                          for env in self._envs]
     n = len(self._envs)
@@ -186,10 +190,12 @@ class BatchedEnv:
       if success is not None:
         episode_success[i] = float(success)
     observation = np.stack(observations).astype(np.float32, copy=False)
-    if observation.shape[1:] != self._info.obs_shape:
+    if observation.shape[1:] != self._spec_shape:
       raise ValueError(f"BatchedEnv: observations of shape "
                        f"{observation.shape[1:]} do not match the observation "
-                       f"spec shape {self._info.obs_shape}")
+                       f"spec shape {self._spec_shape}")
+    if self._flatten:
+      observation = observation.reshape(n, *self._info.obs_shape)
     return BatchedTimeStep(
         step_type=np.array(step_type, np.int32),
         reward=np.array(reward, np.float32),

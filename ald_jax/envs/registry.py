@@ -18,6 +18,7 @@ from typing import Any, Callable
 import dm_env
 
 from ald_jax.envs.batched import EnvFactory
+from ald_jax.envs.cue_recall import CueRecall
 from ald_jax.envs.imaze import IMaze
 from ald_jax.envs.meta_fetch import MetaFetch
 from ald_jax.envs.specs import UnsupportedEnvironmentError
@@ -128,3 +129,4 @@ def make_env_factory(name: str, **kwargs: Any) -> EnvFactory:
 
 register("imaze", IMaze)
 register("meta_fetch", MetaFetch)
+register("cue_recall", CueRecall)

@@ -1,20 +1,41 @@
 """What environments ald_jax can drive, checked up front with clear errors.
 
 ald_jax needs one discrete action (a scalar integer in [0, A)) and one numeric
-observation array of rank 1 (a vector) or rank 3 ([H, W, C], for the conv
-torso). `validate_environment` checks an environment's specs and returns the
-shapes the networks are built from; `FlattenObservation` turns a nested
-(dict / list / tuple) or odd-rank observation into one float32 vector.
+observation array. Rank 1 (a vector) and rank 3 ([H, W, C], for the conv
+torso) reach the networks as they are; rank 2 ([H, W], e.g. a (1, 3) row) is
+flattened to a vector (`BatchedEnv` reshapes each observation; logged once).
+`validate_environment` checks an environment's specs and returns the shapes
+the networks are built from.
+
+Nested (dict / list / tuple) observations: `AdaptObservation(env,
+observation_key=KEY)` selects one entry (e.g. a MiniGrid-style "image"), and
+`FlattenObservation` concatenates all numeric entries into one float32
+vector. `AdaptObservation(..., observation_scale=s)` multiplies observations
+by `s` (e.g. 1/255 for 0-255 pixels); ald_jax never rescales on its own,
+because a space's bounds cannot tell pixel intensities from small integer
+codes (MiniGrid declares its codes as uint8 0-255).
 """
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from absl import logging
 import dm_env
 from dm_env import specs
 import numpy as np
 
-SUPPORTED_OBS_RANKS = (1, 3)
+SUPPORTED_OBS_RANKS = (1, 2, 3)  # rank 2 is flattened to a vector
+FLATTENED_OBS_RANK = 2
+
+_LOGGED: set[str] = set()
+
+
+def log_once(message: str) -> None:
+  """Logs `message` the first time only: E environments are built per actor,
+  and each would otherwise repeat the same set-up note."""
+  if message not in _LOGGED:
+    _LOGGED.add(message)
+    logging.info("%s", message)
 
 
 class UnsupportedEnvironmentError(ValueError):
@@ -82,9 +103,7 @@ def num_actions_from_spec(spec: Any) -> int:
 def obs_shape_from_spec(spec: Any) -> tuple[int, ...]:
   """Observation shape of an observation spec; raises when unsupported."""
   if _is_nested(spec):
-    raise UnsupportedEnvironmentError(
-        f"observation spec is nested ({_describe(spec)}); wrap the environment "
-        f"with ald_jax.envs.FlattenObservation to get one float32 vector")
+    raise UnsupportedEnvironmentError(nested_observation_message(spec))
   if not isinstance(spec, specs.Array):
     raise UnsupportedEnvironmentError(
         f"observation spec must be a dm_env.specs.Array, got "
@@ -98,11 +117,35 @@ def obs_shape_from_spec(spec: Any) -> tuple[int, ...]:
   if len(shape) not in SUPPORTED_OBS_RANKS:
     raise UnsupportedEnvironmentError(
         f"observation rank {len(shape)} (shape {shape}) is not supported: the "
-        f"torso takes rank 1 (vector) or rank 3 ([H, W, C]) observations; "
-        f"wrap the environment with ald_jax.envs.FlattenObservation")
+        f"torso takes rank 1 (vector) or rank 3 ([H, W, C]) observations, and "
+        f"rank 2 is flattened; wrap the environment with "
+        f"ald_jax.envs.FlattenObservation")
   if 0 in shape:
     raise UnsupportedEnvironmentError(f"observation shape {shape} is empty")
+  if len(shape) == FLATTENED_OBS_RANK:
+    flat = (shape[0] * shape[1],)
+    log_once(f"observation spec shape {shape} (rank 2) is flattened to {flat} "
+             f"for the torso")
+    return flat
   return shape
+
+
+def _all_leaves_numeric(spec: Any) -> bool:
+  return all(isinstance(leaf, specs.Array) and _is_numeric(np.dtype(leaf.dtype))
+             for _, leaf in _flatten_specs(spec))
+
+
+def nested_observation_message(spec: Any) -> str:
+  """The refusal for a nested observation spec: names the keys (indices) and
+  suggests only what works for this spec."""
+  keys = sorted(spec) if isinstance(spec, dict) else list(range(len(spec)))
+  message = (f"observation spec is nested ({_describe(spec)}); select one "
+             f"entry with ald_jax.envs.AdaptObservation(env, "
+             f"observation_key=K) for K in {keys}")
+  if _all_leaves_numeric(spec):
+    message += (", or concatenate all entries into one float32 vector with "
+                "ald_jax.envs.FlattenObservation(env)")
+  return message
 
 
 def validate_environment(env: Any) -> EnvInfo:
@@ -196,6 +239,128 @@ class FlattenObservation(dm_env.Environment):
 
   def step(self, action) -> dm_env.TimeStep:
     return self._flatten(self._env.step(action))
+
+  def observation_spec(self) -> specs.Array:
+    return self._spec
+
+  def action_spec(self):
+    return self._env.action_spec()
+
+  def reward_spec(self):
+    return self._env.reward_spec()
+
+  def discount_spec(self):
+    return self._env.discount_spec()
+
+  def episode_success(self) -> bool | None:
+    success = getattr(self._env, "episode_success", None)
+    return success() if callable(success) else None
+
+  def close(self) -> None:
+    self._env.close()
+
+  @property
+  def unwrapped(self) -> dm_env.Environment:
+    return self._env
+
+
+# -- AdaptObservation ----------------------------------------------------------
+
+
+def unscaled_uint8_note(dtype: Any, maximum: Any, scale: float) -> str:
+  """A hint for the start-up log when 0-255 values would reach the torso."""
+  if np.dtype(dtype) == np.uint8 and scale == 1.0 and np.max(maximum) > 1:
+    return (" (unscaled: pass observation_scale=1/255 if these are 0-255 "
+            "pixel intensities)")
+  return ""
+
+
+def check_observation_options(observation_key: Any,
+                              observation_scale: Any) -> float:
+  """Checks the two observation options; returns the scale as a float."""
+  if observation_key is not None and (
+      not isinstance(observation_key, (str, int))
+      or isinstance(observation_key, bool)):
+    raise ValueError(f"observation_key must be a dict key (str), a tuple "
+                     f"index (int) or None, got {observation_key!r}")
+  if (not isinstance(observation_scale, (int, float, np.number))
+      or isinstance(observation_scale, bool)
+      or not np.isfinite(observation_scale) or observation_scale <= 0):
+    raise ValueError(f"observation_scale must be a finite number > 0, got "
+                     f"{observation_scale!r}")
+  return float(observation_scale)
+
+
+def select_entry(nested: Any, observation_key: str | int, what: str) -> Any:
+  """`nested[observation_key]`, or an error naming the keys there are."""
+  if isinstance(nested, dict):
+    if observation_key not in nested:
+      raise UnsupportedEnvironmentError(
+          f"observation_key={observation_key!r} is not in the {what}; its "
+          f"keys are {sorted(nested)}")
+    return nested[observation_key]
+  if isinstance(nested, (list, tuple)):
+    if (not isinstance(observation_key, int)
+        or not 0 <= observation_key < len(nested)):
+      raise UnsupportedEnvironmentError(
+          f"observation_key={observation_key!r} is not an index of the "
+          f"{what}, which has {len(nested)} entries")
+    return nested[observation_key]
+  raise UnsupportedEnvironmentError(
+      f"observation_key={observation_key!r} was given but the {what} is not "
+      f"a dict, list or tuple")
+
+
+class AdaptObservation(dm_env.Environment):
+  """Selects one entry of a nested observation and/or scales observations.
+
+  `observation_key` picks `observation[key]` from a dict (or `[index]` from a
+  list / tuple) observation; None keeps the observation whole.
+  `observation_scale` multiplies the (selected) observation, delivered as
+  float32: 1.0 (the default) leaves values as they are, 1/255 maps 0-255
+  pixels to [0, 1]. Actions, rewards, discounts and `episode_success()` pass
+  through. The choice is logged once.
+  """
+
+  def __init__(self, env: dm_env.Environment,
+               observation_key: str | int | None = None,
+               observation_scale: float = 1.0):
+    self._env = env
+    self._key = observation_key
+    self._scale = check_observation_options(observation_key,
+                                            observation_scale)
+    spec = env.observation_spec()
+    if observation_key is not None:
+      spec = select_entry(spec, observation_key, "observation spec")
+    if _is_nested(spec):
+      raise UnsupportedEnvironmentError(
+          f"observation entry {observation_key!r} is itself nested: "
+          f"{nested_observation_message(spec)}")
+    if not isinstance(spec, specs.Array) or not _is_numeric(
+        np.dtype(spec.dtype)):
+      raise UnsupportedEnvironmentError(
+          f"observation entry {observation_key!r} must be a numeric "
+          f"dm_env.specs.Array, got {spec!r}")
+    self._spec = specs.Array(spec.shape, np.float32, name="observation")
+    maximum = getattr(spec, "maximum", 255)  # unbounded uint8: up to 255
+    log_once(f"{type(env).__name__}: observation entry {observation_key!r} "
+             f"(shape {tuple(spec.shape)}, {np.dtype(spec.dtype)}"
+             f"{unscaled_uint8_note(spec.dtype, maximum, self._scale)}) "
+             f"scaled by {self._scale:g}")
+
+  def _adapt(self, timestep: dm_env.TimeStep) -> dm_env.TimeStep:
+    obs = timestep.observation
+    if self._key is not None:
+      obs = obs[self._key]
+    obs = np.asarray(obs, np.float32)
+    obs = obs * np.float32(self._scale) if self._scale != 1.0 else obs.copy()
+    return timestep._replace(observation=obs)
+
+  def reset(self) -> dm_env.TimeStep:
+    return self._adapt(self._env.reset())
+
+  def step(self, action) -> dm_env.TimeStep:
+    return self._adapt(self._env.step(action))
 
   def observation_spec(self) -> specs.Array:
     return self._spec
