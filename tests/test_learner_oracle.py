@@ -67,9 +67,10 @@ def oracle_config(agent: str, rl_loss: str, **vmpo_changes):
 
 
 def oracle_batch(actor_state, seed=0) -> types.Batch:
-  """Two rows: row 0 (mid-episode at position 0) terminates inside the unroll (LAST, discount 0) and at
-  the bootstrap step; row 1 is truncated by a time limit (LAST, discount 1)
-  inside the unroll and had an episode end inside the context."""
+  """Two rows: row 0 (mid-episode at position 0) terminates inside the
+  unroll (LAST, discount 0) and at the bootstrap step; row 1 is truncated
+  by a time limit (LAST, discount 1) inside the unroll and had an episode
+  end inside the context."""
   rng = np.random.default_rng(seed)
   step_type = np.full((2, L), types.MID, np.int32)
   discount = np.ones((2, L), np.float32)
@@ -78,12 +79,15 @@ def oracle_batch(actor_state, seed=0) -> types.Batch:
   step_type[1, 0] = types.FIRST
   # Row 0: termination at position 4 (loss step t=2), restart, termination
   # again at the bootstrap position 8.
-  step_type[0, 4], discount[0, 4], step_type[0, 5] = types.LAST, 0.0, types.FIRST
+  step_type[0, 4], discount[0, 4] = types.LAST, 0.0
+  step_type[0, 5] = types.FIRST
   step_type[0, 8], discount[0, 8] = types.LAST, 0.0
   # Row 1: an episode ends in the context (position 1); the next one is cut by
   # a time limit at position 6 (t=4) with discount 1.
-  step_type[1, 1], discount[1, 1], step_type[1, 2] = types.LAST, 0.0, types.FIRST
-  step_type[1, 6], discount[1, 6], step_type[1, 7] = types.LAST, 1.0, types.FIRST
+  step_type[1, 1], discount[1, 1] = types.LAST, 0.0
+  step_type[1, 2] = types.FIRST
+  step_type[1, 6], discount[1, 6] = types.LAST, 1.0
+  step_type[1, 7] = types.FIRST
   return types.Batch(
       observation=rng.normal(size=(2, L, *OBS_SHAPE)).astype(np.float32),
       action=rng.integers(0, NUM_ACTIONS, (2, L)).astype(np.int32),
@@ -105,14 +109,17 @@ def perturbed(params, seed, scale=0.3):
 @functools.lru_cache(maxsize=None)  # builds are reused across tests
 def build(agent, rl_loss, value_target="vtrace"):
   learner = learner_lib.make_learner(
-      oracle_config(agent, rl_loss, value_target=value_target), OBS_SHAPE, NUM_ACTIONS)
+      oracle_config(agent, rl_loss, value_target=value_target), OBS_SHAPE,
+      NUM_ACTIONS)
   example = learner.example_batch(2)
   rng = np.random.default_rng(7)
   actor_state = jax.tree_util.tree_map(
       lambda x: (0.5 * rng.normal(size=x.shape)).astype(np.float32),
       example.actor_state)
   batch = oracle_batch(actor_state)
-  state = learner.init(jax.random.PRNGKey(0), batch)
+  # Op by op: compiling `init` for each of the configs here costs more.
+  with jax.disable_jit():
+    state = learner.init(jax.random.PRNGKey(0), batch)
   state = state.replace(
       learner_params=dict(state.learner_params,
                           net=perturbed(state.learner_params["net"], 1)),
@@ -153,7 +160,7 @@ def learner_outputs(cfg, net_params, batch):
   return logits, values
 
 
-# ---- numpy oracle ---------------------------------------------------------------
+# ---- numpy oracle -----------------------------------------------------------
 
 
 def log_softmax(logits):
@@ -250,8 +257,8 @@ def softplus(x):
 def vmpo_terms(online_logits, target_logits, actions, advantages, mask, duals,
                cfg):
   """V-MPO policy, temperature and trust-region terms over the batch."""
-  online, target = online_logits.reshape(-1, NUM_ACTIONS), target_logits.reshape(
-      -1, NUM_ACTIONS)
+  online = online_logits.reshape(-1, NUM_ACTIONS)
+  target = target_logits.reshape(-1, NUM_ACTIONS)
   adv, mask, actions = advantages.ravel(), mask.ravel(), actions.ravel()
   eta = softplus(float(duals.eta)) + 1e-8
   alpha = softplus(float(duals.alpha)) + 1e-8
@@ -353,7 +360,7 @@ def assert_matches_oracle(learner, state, batch, view_fn=unroll_view):
                              atol=2e-6)
 
 
-# ---- tests ---------------------------------------------------------------------
+# ---- tests ------------------------------------------------------------------
 
 
 def test_unroll_view_by_hand():
@@ -396,6 +403,18 @@ def test_vtrace_and_nstep_oracles_by_hand():
 def test_losses_match_oracle(agent, rl_loss):
   learner, batch, state = build(agent, rl_loss)
   assert_matches_oracle(learner, state, batch)
+
+
+def test_distill_only_step_matches_oracle():
+  """`distill_step` reports the distillation terms of the state it is given
+  (teacher = the current learner), on the same mask as the combined step."""
+  learner, batch, state = build("ald", "vtrace")
+  expected = expected_losses(learner, state, state.target_params, batch)
+  own_copy = jax.tree_util.tree_map(np.array, state)  # distill_step donates
+  _, metrics = learner.distill_step(own_copy, batch)
+  for name in ("distill/policy_kl", "distill/value_loss"):
+    np.testing.assert_allclose(float(metrics[name]), expected[name],
+                               rtol=2e-5, atol=2e-6, err_msg=name)
 
 
 def test_vmpo_nstep_value_target_matches_oracle():
