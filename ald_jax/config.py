@@ -6,6 +6,8 @@ construction with a message naming the field, before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any
 
 AGENTS = ("ald", "lstm", "transformer", "asymmetric")
@@ -25,32 +27,59 @@ def _require(condition: bool, field: str, message: str) -> None:
     raise ConfigError(f"{field}: {message}")
 
 
+def _is_int(value: Any) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any, allow_inf: bool = False) -> bool:
+  """A real number (not a bool), never NaN; inf only where allowed."""
+  if not isinstance(value, numbers.Real) or isinstance(value, bool):
+    return False
+  return math.isfinite(value) or (allow_inf and not math.isnan(value))
+
+
 def _positive_int(value: Any, field: str) -> None:
-  _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-           field, f"must be a positive integer, got {value!r}")
+  _require(_is_int(value) and value > 0, field,
+           f"must be a positive integer, got {value!r}")
 
 
-def _non_negative(value: Any, field: str) -> None:
-  _require(isinstance(value, (int, float)) and not isinstance(value, bool)
-           and value >= 0, field, f"must be >= 0, got {value!r}")
+def _non_negative(value: Any, field: str, allow_inf: bool = False) -> None:
+  _require(_is_number(value, allow_inf) and value >= 0, field,
+           f"must be a {'' if allow_inf else 'finite '}number >= 0, got "
+           f"{value!r}")
 
 
-def _positive(value: Any, field: str) -> None:
-  _require(isinstance(value, (int, float)) and not isinstance(value, bool)
-           and value > 0, field, f"must be > 0, got {value!r}")
+def _positive(value: Any, field: str, allow_inf: bool = False) -> None:
+  _require(_is_number(value, allow_inf) and value > 0, field,
+           f"must be a {'' if allow_inf else 'finite '}number > 0, got "
+           f"{value!r}")
 
 
 def _probability(value: Any, field: str, allow_zero: bool = False) -> None:
+  interval = f"{'[0' if allow_zero else '(0'}, 1]"
+  _require(_is_number(value), field,
+           f"must be a number in {interval}, got {value!r}")
   low_ok = value >= 0 if allow_zero else value > 0
-  _require(isinstance(value, (int, float)) and low_ok and value <= 1, field,
-           f"must be in {'[0' if allow_zero else '(0'}, 1], got {value!r}")
+  _require(low_ok and value <= 1, field, f"must be in {interval}, got "
+           f"{value!r}")
 
 
 def _int_tuple(value: Any, field: str, allow_empty: bool = True) -> None:
   _require(isinstance(value, tuple) and all(
-      isinstance(v, int) and v > 0 for v in value), field,
+      _is_int(v) and v > 0 for v in value), field,
            f"must be a tuple of positive integers, got {value!r}")
   _require(allow_empty or len(value) > 0, field, "must not be empty")
+
+
+def _bool(value: Any, field: str) -> None:
+  _require(isinstance(value, bool), field,
+           f"must be True or False, got {value!r}")
+
+
+def _nested(value: Any, expected: type, field: str) -> None:
+  """A nested config must be its dataclass (checked before it is used)."""
+  _require(isinstance(value, expected), field,
+           f"must be a {expected.__name__}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +131,8 @@ class GTrXLConfig:
     _require(self.d_model % self.num_heads == 0, "gtrxl.d_model",
              f"must be divisible by gtrxl.num_heads ({self.num_heads}), "
              f"got {self.d_model}")
-    _require(isinstance(self.gate_bias, (int, float)), "gtrxl.gate_bias",
-             f"must be a number, got {self.gate_bias!r}")
+    _require(_is_number(self.gate_bias), "gtrxl.gate_bias",
+             f"must be a finite number, got {self.gate_bias!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +159,8 @@ class VMPOConfig:
     _non_negative(self.value_cost, "vmpo.value_cost")
     _positive_int(self.target_update_period, "vmpo.target_update_period")
     _positive(self.dual_learning_rate, "vmpo.dual_learning_rate")
-    _require(self.value_target in VALUE_TARGETS, "vmpo.value_target",
+    _require(isinstance(self.value_target, str) and
+             self.value_target in VALUE_TARGETS, "vmpo.value_target",
              f"must be one of {VALUE_TARGETS}, got {self.value_target!r}")
 
 
@@ -182,7 +212,7 @@ class OptimizerConfig:
 
   def __post_init__(self):
     _positive(self.learning_rate, "optimizer.learning_rate")
-    _positive(self.max_grad_norm, "optimizer.max_grad_norm")
+    _positive(self.max_grad_norm, "optimizer.max_grad_norm", allow_inf=True)
     _positive(self.adam_eps, "optimizer.adam_eps")
 
 
@@ -218,13 +248,20 @@ class LearnerConfig:
   actor_optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-3)
 
   def __post_init__(self):
-    _require(self.agent in AGENTS, "agent",
+    for field, expected in (
+        ("torso", TorsoConfig), ("lstm", LSTMConfig), ("gtrxl", GTrXLConfig),
+        ("vmpo", VMPOConfig), ("vtrace", VTraceConfig),
+        ("distill", DistillConfig), ("learner_optimizer", OptimizerConfig),
+        ("actor_optimizer", OptimizerConfig)):
+      _nested(getattr(self, field), expected, field)
+    _require(isinstance(self.agent, str) and self.agent in AGENTS, "agent",
              f"must be one of {AGENTS}, got {self.agent!r}")
-    _require(self.rl_loss in RL_LOSSES, "rl_loss",
+    _require(isinstance(self.rl_loss, str) and self.rl_loss in RL_LOSSES,
+             "rl_loss",
              f"must be one of {RL_LOSSES}, got {self.rl_loss!r}")
     _probability(self.discount, "discount", allow_zero=True)
     _positive_int(self.unroll_length, "unroll_length")
-    _require(isinstance(self.learner_context, int) and self.learner_context >= 0,
+    _require(_is_int(self.learner_context) and self.learner_context >= 0,
              "learner_context", f"must be an integer >= 0, got "
              f"{self.learner_context!r}")
     _positive_int(self.batch_size, "batch_size")
@@ -284,8 +321,7 @@ class TrainConfig:
         isinstance(kv, tuple) and len(kv) == 2 and isinstance(kv[0], str)
         for kv in self.env_kwargs), "env_kwargs",
              "must be a tuple of (name, value) pairs")
-    _require(isinstance(self.learner, LearnerConfig), "learner",
-             "must be a LearnerConfig")
+    _nested(self.learner, LearnerConfig, "learner")
     _positive_int(self.num_actors, "num_actors")
     _positive_int(self.envs_per_actor, "envs_per_actor")
     _positive_int(self.total_env_steps, "total_env_steps")
@@ -296,19 +332,23 @@ class TrainConfig:
              "separate actor to distill into)")
     _positive_int(self.replay_capacity, "replay_capacity")
     _positive_int(self.queue_capacity, "queue_capacity")
-    _positive(self.t_actor_budget_ms, "t_actor_budget_ms")
-    _require(self.t_actor_policy in T_ACTOR_POLICIES, "t_actor_policy",
+    _positive(self.t_actor_budget_ms, "t_actor_budget_ms", allow_inf=True)
+    _require(isinstance(self.t_actor_policy, str) and
+             self.t_actor_policy in T_ACTOR_POLICIES, "t_actor_policy",
              f"must be one of {T_ACTOR_POLICIES}, got {self.t_actor_policy!r}")
     _positive_int(self.calibration_steps, "calibration_steps")
-    _require(isinstance(self.seed, int) and self.seed >= 0, "seed",
+    _require(_is_int(self.seed) and self.seed >= 0, "seed",
              f"must be an integer >= 0, got {self.seed!r}")
     _require(isinstance(self.logdir, str) and self.logdir != "", "logdir",
              "must be a non-empty path")
-    _positive(self.report_interval_s, "report_interval_s")
-    _positive(self.checkpoint_interval_s, "checkpoint_interval_s")
+    _positive(self.report_interval_s, "report_interval_s", allow_inf=True)
+    _positive(self.checkpoint_interval_s, "checkpoint_interval_s",
+              allow_inf=True)
     _positive_int(self.keep_checkpoints, "keep_checkpoints")
     _positive_int(self.max_consecutive_nonfinite, "max_consecutive_nonfinite")
-    _non_negative(self.max_wall_time_s, "max_wall_time_s")
+    _bool(self.pin_learner, "pin_learner")
+    _bool(self.resume, "resume")
+    _non_negative(self.max_wall_time_s, "max_wall_time_s", allow_inf=True)
 
   @property
   def env_kwargs_dict(self) -> dict[str, Any]:

@@ -174,9 +174,14 @@ def test_nonfinite_batch_skips_update():
   state, metrics = learner.step(state, bad)
   assert float(metrics["nonfinite"]) == 1.0
   assert int(state.step) == 0
-  assert tree_norm(jax.tree_util.tree_map(
-      lambda a, b: jnp.abs(a - b), before.learner_params,
-      state.learner_params)) == 0.0
+  # The whole state is unchanged: parameters, optimizer states (Adam counts
+  # and moments), the target network, counters and rng.
+  before_leaves, before_def = jax.tree_util.tree_flatten(before)
+  after_leaves, after_def = jax.tree_util.tree_flatten(state)
+  assert before_def == after_def
+  assert len(after_leaves) > 10
+  for old, new in zip(before_leaves, after_leaves):
+    np.testing.assert_array_equal(np.asarray(old), np.asarray(new))
 
 
 def test_action_count_mismatch_is_a_clear_error():
@@ -201,15 +206,19 @@ def test_sequence_length_mismatch_is_a_clear_error():
     (dict(unroll_length=0), "unroll_length"),
     (dict(agent="gru"), "agent"),
     (dict(rl_loss="ppo"), "rl_loss"),
-    (dict(distill=None), None),
+    (dict(distill=None), "distill"),
+    (dict(vmpo="x"), "vmpo"),
+    (dict(torso=3), "torso"),
+    (dict(discount="x"), "discount"),
 ])
 def test_bad_config_names_the_field(changes, field):
-  if field is None:
-    with pytest.raises(config_lib.ConfigError, match="distill.policy_cost"):
-      config_lib.DistillConfig(policy_cost=-1.0)
-    return
-  with pytest.raises(config_lib.ConfigError, match=field):
+  with pytest.raises(config_lib.ConfigError, match=f"^{field}: "):
     tiny_config(**changes)
+
+
+def test_bad_nested_value_names_the_nested_field():
+  with pytest.raises(config_lib.ConfigError, match="^distill.policy_cost: "):
+    config_lib.DistillConfig(policy_cost=-1.0)
 
 
 def test_bad_num_actions_and_obs_shape():

@@ -4,9 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ald_jax.config import GTrXLConfig, LSTMConfig, TorsoConfig
-from ald_jax.networks.policy_value import (GTrXLPolicyValueNet,
+from ald_jax.networks.policy_value import (POLICY_INIT_SCALE,
+                                           GTrXLPolicyValueNet,
                                            LSTMPolicyValueNet,
-                                           pack_lstm_state, unpack_lstm_state)
+                                           PolicyValueHead, pack_lstm_state,
+                                           unpack_lstm_state)
 from ald_jax.types import FIRST, MID, AgentOutput, LSTMState
 
 TORSO = TorsoConfig(conv_channels=(3,), mlp_sizes=(8,))
@@ -51,6 +53,7 @@ def test_lstm_net_shapes_and_step_matches_sequence():
   assert out.logits.shape == (BATCH, LENGTH, NUM_ACTIONS)
   assert out.value.shape == (BATCH, LENGTH)
   assert_near_uniform(out.logits)
+  assert_logits_depend_on_input(out.logits)
   step = jax.jit(lambda p, o, s, c: net.apply(p, o, s, c, method="step"))
   for t in range(LENGTH):
     step_out, state = step(params, obs[:, t], step_type[:, t], state)
@@ -91,7 +94,9 @@ def test_gtrxl_net_shapes_and_step_matches_sequence():
   assert out.logits.shape == (BATCH, LENGTH, NUM_ACTIONS)
   assert out.value.shape == (BATCH, LENGTH)
   assert_near_uniform(out.logits)
+  assert_logits_depend_on_input(out.logits)
   np.testing.assert_allclose(out_with_memory.value, out.value, atol=1e-6)
+  np.testing.assert_allclose(out_with_memory.logits, out.logits, atol=1e-6)
   step = jax.jit(lambda p, o, s, c: net.apply(p, o, s, c, method="step"))
   cache = net.initial_cache(BATCH)
   for t in range(LENGTH):
@@ -99,3 +104,32 @@ def test_gtrxl_net_shapes_and_step_matches_sequence():
     np.testing.assert_allclose(step_out.logits, out.logits[:, t], atol=1e-5)
     np.testing.assert_allclose(step_out.value, out.value[:, t], atol=1e-5)
   assert float(jnp.abs(out.value).max()) > 1e-3
+
+
+def assert_logits_depend_on_input(logits):
+  """Near-uniform but not constant: the policy columns are live."""
+  flat = np.asarray(logits).reshape(-1, NUM_ACTIONS)
+  assert np.std(flat, axis=0).min() > 1e-5
+  assert np.abs(flat - flat.mean(axis=-1, keepdims=True)).max() > 1e-4
+
+
+def test_fused_head_splits_policy_and_value_columns():
+  """logits = x W[:, :A] + b[:A] and value = x W[:, A] + b[A]; the policy
+  columns start POLICY_INIT_SCALE times smaller than the value column."""
+  features = np.random.default_rng(1).normal(size=(4, 3, 64)).astype(
+      np.float32)
+  head = PolicyValueHead(NUM_ACTIONS)
+  params = head.init(jax.random.PRNGKey(2), features)
+  out = head.apply(params, features)
+  kernel = np.asarray(params["params"]["Dense_0"]["kernel"])
+  bias = np.asarray(params["params"]["Dense_0"]["bias"])
+  assert kernel.shape == (64, NUM_ACTIONS + 1)
+  np.testing.assert_allclose(out.logits,
+                             features @ kernel[:, :NUM_ACTIONS] +
+                             bias[:NUM_ACTIONS], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out.value, features @ kernel[:, NUM_ACTIONS] +
+                             bias[NUM_ACTIONS], rtol=1e-5, atol=1e-6)
+  ratio = np.std(kernel[:, :NUM_ACTIONS]) / np.std(kernel[:, NUM_ACTIONS])
+  assert 0.3 * POLICY_INIT_SCALE < ratio < 3 * POLICY_INIT_SCALE
+  assert_logits_depend_on_input(out.logits)
+

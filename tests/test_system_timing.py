@@ -56,20 +56,32 @@ def test_merge_latency_across_actors():
   assert merged.max_us == 100.0 and merged.over_budget == 50
 
 
-def test_phase_timer():
+class FakeClock:
+  """A `time` stand-in whose perf_counter returns the given readings."""
+
+  def __init__(self, readings):
+    self._readings = iter(readings)
+
+  def perf_counter(self):
+    return next(self._readings)
+
+
+def test_phase_timer(monkeypatch):
+  # Construction reads the clock once; each phase reads it at start and end.
+  monkeypatch.setattr(timing, "time", FakeClock([0.0, 10.0, 10.25, 12.0]))
   timer = timing.PhaseTimer()
   timer.add("step", 0.25)
   timer.add("step", 0.5)
   timer.add("wait_batch", 1.0)
   with timer.phase("publish"):
     pass
-  assert timer.totals()["step"] == 0.75
+  assert timer.totals() == {"step": 0.75, "wait_batch": 1.0, "publish": 0.25}
   assert timer.counts() == {"step": 2, "wait_batch": 1, "publish": 1}
-  summary = timer.summary()
+  summary = timer.summary()  # elapsed: 12.0 - 0.0
   assert summary["time_step_s"] == 0.75
-  # Fractions share one elapsed time, so their ratio is exact.
-  assert summary["frac_step"] / summary["frac_wait_batch"] == pytest.approx(
-      0.75)
+  assert summary["frac_step"] == pytest.approx(0.75 / 12.0)
+  assert summary["frac_publish"] == pytest.approx(0.25 / 12.0)
+  monkeypatch.setattr(timing, "time", FakeClock([20.0]))
   timer.reset()
   assert timer.totals() == {}
 
@@ -78,27 +90,58 @@ def _step(x):
   return jnp.tanh(x) * 2.0
 
 
-def test_calibration_refuses_with_both_numbers():
+@pytest.fixture
+def fake_durations(monkeypatch):
+  """Calibration sees the step durations a test sets, not the clock's.
+
+  `set(warmup_ns, measured_ns)`; each call still runs the step function.
+  """
+  calls = []
+
+  def install(warmup_ns, measured_ns):
+    durations = iter(list(warmup_ns) + list(measured_ns))
+
+    def fake_time_call_ns(fn, *args):
+      calls.append(args)
+      return fn(*args), next(durations)
+
+    monkeypatch.setattr(timing, "time_call_ns", fake_time_call_ns)
+    return calls
+
+  return install
+
+
+def test_calibration_refuses_with_both_numbers(fake_durations):
+  # 100 calls of 1..100 us after three huge warmup calls (not measured).
+  calls = fake_durations([10**9] * 3, np.arange(1, 101) * 1000)
   with pytest.raises(timing.TActorBudgetError) as info:
-    timing.calibrate_actor_step(_step, (jnp.ones(8),), num_calls=20,
-                                budget_ms=1e-4, policy="refuse")
+    timing.calibrate_actor_step(_step, (jnp.ones(8),), num_calls=100,
+                                budget_ms=0.05, policy="refuse")
   err = info.value
-  assert err.budget_ms == 1e-4 and err.p99_ms > 1e-4
-  assert f"measured p99 is {err.p99_ms:.4g} ms" in str(err)
-  assert "budget of 0.0001 ms" in str(err)
+  assert len(calls) == 103
+  assert err.budget_ms == 0.05
+  assert err.p99_ms == pytest.approx(99.01e-3)  # warmups excluded
+  assert "measured p99 is 0.09901 ms" in str(err)
+  assert "p50 0.0505 ms" in str(err)
+  assert "budget of 0.05 ms" in str(err)
 
 
-def test_calibration_warns_or_passes(monkeypatch):
+def test_calibration_warns_or_passes(monkeypatch, fake_durations):
   warnings = []
   monkeypatch.setattr(timing.logging, "warning",
                       lambda fmt, *a: warnings.append(fmt % a))
+  fake_durations([0] * 3, [2_000_000] * 10)  # 2 ms a step
   s = timing.calibrate_actor_step(_step, (jnp.ones(8),), num_calls=10,
-                                  budget_ms=1e-4, policy="warn")
-  assert s.window == 10 and len(warnings) == 1
+                                  budget_ms=1.0, policy="warn")
+  assert s.window == 10 and s.over_budget == 10 and len(warnings) == 1
   assert "T_actor budget exceeded" in warnings[0]
+  assert "measured p99 is 2 ms" in warnings[0]
+  # Within the budget (p99 955 us < 1 ms): neither a refusal nor a warning.
+  fake_durations([0] * 3, [500_000] * 9 + [1_000_000])
   s = timing.calibrate_actor_step(_step, (jnp.ones(8),), num_calls=10,
-                                  budget_ms=1e4, policy="refuse")
-  assert s.over_budget == 0 and len(warnings) == 1
+                                  budget_ms=1.0, policy="refuse")
+  assert s.p99_us == pytest.approx(955.0)
+  assert s.over_budget == 0 and s.max_us == 1000.0 and len(warnings) == 1
   with pytest.raises(ValueError, match="t_actor_policy"):
     timing.calibrate_actor_step(_step, (jnp.ones(8),), budget_ms=1.0,
                                 policy="ignore")

@@ -1,0 +1,184 @@
+"""A resumed run continues: counters, metrics, parameters, replay RNG, seeds.
+
+Runs through the public entry point (`ald_jax.train(config, env_factory)`),
+to N env steps and then, with `resume=True`, to 2N. What segment 2 starts
+from is observed without hooks in the library: the learner's `step` is
+wrapped (via `ald_jax.learner.make_learner`) to copy the first state it is
+given, and `ReplayBuffer.sample` to copy the RNG state of the first draw; the
+environment factory appends every seed it is called with to a file (so it
+works wherever the actors run).
+"""
+import copy
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import ald_jax
+from ald_jax import checkpoint as checkpoint_lib
+from ald_jax import config as config_lib
+from ald_jax import learner as learner_lib
+from ald_jax import metrics as metrics_lib
+from ald_jax.envs import imaze
+from ald_jax.system import replay as replay_lib
+from ald_jax.system import run
+
+SEED = 3
+
+
+def tiny_config(logdir, total_env_steps, resume=False):
+  learner = config_lib.LearnerConfig(
+      agent="ald", unroll_length=8, learner_context=8, batch_size=4,
+      torso=config_lib.TorsoConfig(mlp_sizes=(16,)),
+      lstm=config_lib.LSTMConfig(hidden_size=16),
+      gtrxl=config_lib.GTrXLConfig(num_layers=1, d_model=16, num_heads=2,
+                                   mlp_size=32, memory_length=8))
+  return config_lib.TrainConfig(
+      learner=learner, num_actors=2, envs_per_actor=2,
+      total_env_steps=total_env_steps, distill_steps_per_rl_step=1.0,
+      replay_capacity=32, queue_capacity=4, t_actor_budget_ms=1000.0,
+      calibration_steps=5, report_interval_s=0.2,
+      checkpoint_interval_s=3600.0, logdir=str(logdir), seed=SEED,
+      resume=resume)
+
+
+class SeedRecordingIMaze:
+  """An I-Maze factory that appends each seed it builds with to a file."""
+
+  def __init__(self, path):
+    self.path = str(path)
+
+  def __call__(self, seed):
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(f"{int(seed)}\n")
+    return imaze.IMaze(seed=seed)
+
+  def seeds(self):
+    with open(self.path, encoding="utf-8") as f:
+      return [int(line) for line in f if line.strip()]
+
+
+def host_copy(tree):
+  return jax.tree_util.tree_map(lambda x: np.array(x, copy=True), tree)
+
+
+@pytest.fixture
+def first_learner_state(monkeypatch):
+  """Records the state the learner's first `step` of a run is given."""
+  recorded = []
+  original = learner_lib.make_learner
+
+  def make_learner(*args, **kwargs):
+    learner = original(*args, **kwargs)
+    step = learner.step
+
+    def recording_step(state, batch):
+      if not recorded:
+        recorded.append(host_copy(state))  # before `step` donates it
+      return step(state, batch)
+
+    return learner._replace(step=recording_step)
+
+  monkeypatch.setattr(learner_lib, "make_learner", make_learner)
+  return recorded
+
+
+@pytest.fixture
+def first_replay_rng_state(monkeypatch):
+  """Records the replay RNG state at the first distill-only sample."""
+  recorded = []
+  original = replay_lib.ReplayBuffer.sample
+
+  def sample(self, batch_size):
+    if not recorded:
+      recorded.append(copy.deepcopy(self.rng.bit_generator.state))
+    return original(self, batch_size)
+
+  monkeypatch.setattr(replay_lib.ReplayBuffer, "sample", sample)
+  return recorded
+
+
+def assert_trees_equal(a, b):
+  a_leaves, a_def = jax.tree_util.tree_flatten(a)
+  b_leaves, b_def = jax.tree_util.tree_flatten(b)
+  assert a_def == b_def
+  for x, y in zip(a_leaves, b_leaves):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def read_lines(path):
+  with open(path, encoding="utf-8") as f:
+    return [line for line in f if line.strip()]
+
+
+def test_resume_continues_from_the_checkpoint(tmp_path, first_learner_state,
+                                              first_replay_rng_state):
+  run_dir = tmp_path / "run"
+  factory = SeedRecordingIMaze(tmp_path / "seeds.txt")
+  first = ald_jax.train(tiny_config(run_dir, 600), env_factory=factory)
+  assert first.stopped_by == "budget"
+  n = first.final_row["env_steps"]
+  assert n >= 600 and first.final_row["learner_steps"] > 0
+  assert first.final_row["distill_steps"] > 0
+  seeds_first = factory.seeds()
+  metrics_path = os.path.join(first.run_dir, "metrics.jsonl")
+  rows_first = read_lines(metrics_path)
+  assert len(rows_first) >= 2
+
+  # The checkpoint segment 2 will restore: the final state of segment 1.
+  ckpt_dir = os.path.join(first.run_dir, run.CHECKPOINT_DIR)
+  checkpointed, metadata = checkpoint_lib.restore_latest(ckpt_dir, first.state)
+  assert_trees_equal(checkpointed, first.state)
+  assert metadata["env_steps"] == n
+  assert metadata["learner_steps"] == first.final_row["learner_steps"]
+  # Segment 1 drew from the replay, so its RNG has moved on from the seed.
+  fresh = np.random.default_rng(SEED).bit_generator.state
+  assert metadata["replay_rng_state"] != fresh
+
+  first_learner_state.clear()
+  first_replay_rng_state.clear()
+  open(factory.path, "w").close()
+  second = ald_jax.train(tiny_config(run_dir, 2 * n, resume=True),
+                         env_factory=factory)
+  assert second.stopped_by == "budget"
+
+  # Parameters, optimizer states, target network, counters: the first
+  # learner step of segment 2 starts from the checkpoint.
+  assert first_learner_state, "segment 2 took no learner step"
+  assert_trees_equal(first_learner_state[0], checkpointed)
+  # The replay RNG continues from the checkpointed state.
+  assert first_replay_rng_state, "segment 2 took no distill-only step"
+  assert first_replay_rng_state[0] == metadata["replay_rng_state"]
+
+  # Counters grow from the restored ones.
+  assert second.final_row["env_steps"] >= 2 * n
+  assert second.final_row["learner_steps"] > metadata["learner_steps"]
+  assert second.final_row["distill_steps"] > metadata["distill_steps"]
+  assert int(second.state.step) == second.final_row["learner_steps"]
+  # (Every learner step moved the state's counter: none were non-finite.)
+  assert second.final_row["nonfinite_total"] == 0
+
+  # Segment 1's metric rows are kept, unchanged, as a prefix; the rows of
+  # segment 2 continue after them.
+  rows_all = read_lines(metrics_path)
+  assert rows_all[:len(rows_first)] == rows_first
+  rows_second = metrics_lib.read_metrics(second.run_dir)[len(rows_first):]
+  assert rows_second
+  assert all(row["env_steps"] > n for row in rows_second)
+  assert all(row["learner_steps"] >= metadata["learner_steps"]
+             for row in rows_second)
+  assert rows_second[-1]["learner_steps"] == second.final_row["learner_steps"]
+
+  # The actors' environments get new seeds in the new segment (the probe
+  # environment is built with the config seed both times).
+  seeds_second = factory.seeds()
+  actor_first = set(seeds_first) - {SEED}
+  actor_second = set(seeds_second) - {SEED}
+  assert len(actor_first) == len(actor_second) == 4  # 2 actors x 2 envs
+  assert not actor_first & actor_second
+
+  # The new segment's checkpoint continues the numbering and the counters.
+  _, metadata_second = checkpoint_lib.restore_latest(ckpt_dir, second.state)
+  assert metadata_second["segment"] == metadata["segment"] + 1
+  assert metadata_second["learner_steps"] == second.final_row["learner_steps"]
