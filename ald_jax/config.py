@@ -212,6 +212,8 @@ class LearnerConfig:
 
 
 T_ACTOR_POLICIES = ("refuse", "warn")
+ACTOR_MODES = ("threads", "processes")
+NONFINITE_OBS_POLICIES = ("error", "mask")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,6 +244,13 @@ class TrainConfig:
   resume: bool = False
   max_consecutive_nonfinite: int = 10
   max_wall_time_s: float = 0.0        # 0: no wall-clock limit
+  # Where actors run: "threads" in this process, "processes" in Ray actor
+  # processes (needs `pip install 'ald_jax[ray]'`).
+  actors: str = "threads"
+  ray_address: str = ""               # "": start a local Ray; HOST:PORT joins
+  actor_stall_s: float = 300.0        # no actor progress this long: stalled (0: off)
+  max_actor_restarts: int = 3         # process mode: restarts before the run fails
+  nonfinite_obs: str = "error"        # "error" stops the run; "mask" zeroes, counts
 
   def __post_init__(self):
     _require(isinstance(self.env, str) and self.env != "", "env",
@@ -275,6 +284,24 @@ class TrainConfig:
     _positive_int(self.keep_checkpoints, "keep_checkpoints")
     _positive_int(self.max_consecutive_nonfinite, "max_consecutive_nonfinite")
     _non_negative(self.max_wall_time_s, "max_wall_time_s")
+    _require(self.learner.batch_size <= self.num_actors * self.envs_per_actor,
+             "batch_size", f"must be <= num_actors * envs_per_actor "
+             f"({self.num_actors * self.envs_per_actor}): a batch holds each "
+             f"environment stream at most once, got {self.learner.batch_size}")
+    _require(self.actors in ACTOR_MODES, "actors",
+             f"must be one of {ACTOR_MODES}, got {self.actors!r}")
+    _require(isinstance(self.ray_address, str), "ray_address",
+             f"must be a string (HOST:PORT or empty), got {self.ray_address!r}")
+    _require(self.ray_address == "" or self.actors == "processes",
+             "ray_address", "needs actors='processes' (--actors=processes)")
+    _non_negative(self.actor_stall_s, "actor_stall_s")
+    _require(isinstance(self.max_actor_restarts, int)
+             and not isinstance(self.max_actor_restarts, bool)
+             and self.max_actor_restarts >= 0, "max_actor_restarts",
+             f"must be an integer >= 0, got {self.max_actor_restarts!r}")
+    _require(self.nonfinite_obs in NONFINITE_OBS_POLICIES, "nonfinite_obs",
+             f"must be one of {NONFINITE_OBS_POLICIES}, got "
+             f"{self.nonfinite_obs!r}")
 
   @property
   def env_kwargs_dict(self) -> dict[str, Any]:

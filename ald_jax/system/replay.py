@@ -80,6 +80,80 @@ class UnrollBatcher:
     return batch
 
 
+class StreamBatcher:
+  """Cuts unrolls into batches of `batch_size` rows, each stream at most once.
+
+  Rows carry `stream_id`; a batch takes, in arrival order, the oldest pending
+  row of each stream, so a stream's consecutive unrolls land in consecutive
+  batches in order (a row whose stream is already in the batch waits for the
+  next one). Needs at least `batch_size` distinct streams.
+
+  If pending rows reach `max_pending_rows` (one actor far ahead of the
+  others), the batch is filled with the oldest remaining rows instead, still
+  in per-stream order; `repeated_rows` counts those rows.
+  """
+
+  def __init__(self, batch_size: int, max_pending_rows: int | None = None):
+    if batch_size <= 0:
+      raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    self.batch_size = batch_size
+    self.max_pending_rows = (8 * batch_size if max_pending_rows is None
+                             else max_pending_rows)
+    if self.max_pending_rows < batch_size:
+      raise ValueError(f"max_pending_rows must be >= batch_size "
+                       f"({batch_size}), got {self.max_pending_rows}")
+    self._pending: list[Tree] = []
+    self._rows = 0
+    self.repeated_rows = 0
+
+  @property
+  def pending_rows(self) -> int:
+    return self._rows
+
+  def add(self, unroll: Tree) -> None:
+    if getattr(unroll, "stream_id", None) is None:
+      raise ValueError("StreamBatcher needs unrolls with a stream_id")
+    self._rows += _leading_dim(unroll)
+    self._pending.append(unroll)
+
+  def _rows_to_take(self, stream_id: np.ndarray) -> np.ndarray | None:
+    _, first = np.unique(stream_id, return_index=True)
+    first = np.sort(first)  # the oldest pending row of each stream
+    if first.size >= self.batch_size:
+      return first[:self.batch_size]
+    if self._rows < self.max_pending_rows:
+      return None  # wait for rows of other streams
+    others = np.setdiff1d(np.arange(stream_id.size), first)  # sorted
+    fill = others[:self.batch_size - first.size]
+    self.repeated_rows += fill.size
+    return np.sort(np.concatenate([first, fill]))
+
+  def pop_batch(self) -> Tree | None:
+    """A batch of distinct streams, or None while too few are pending."""
+    if self._rows < self.batch_size:
+      return None
+    merged = (self._pending[0] if len(self._pending) == 1
+              else stack_unrolls(self._pending))
+    take = self._rows_to_take(np.asarray(merged.stream_id))
+    if take is None:
+      self._pending = [merged]
+      return None
+    keep = np.ones(self._rows, bool)
+    keep[take] = False
+    batch = jax.tree.map(lambda x: x[take], merged)
+    rest = self._rows - take.size
+    self._pending = [jax.tree.map(lambda x: x[keep], merged)] if rest else []
+    self._rows = rest
+    return batch
+
+
+def make_batcher(batch_size: int, example: Tree):
+  """A StreamBatcher when rows carry `stream_id`, else an UnrollBatcher."""
+  if getattr(example, "stream_id", None) is not None:
+    return StreamBatcher(batch_size)
+  return UnrollBatcher(batch_size)
+
+
 class ReplayBuffer:
   """Bounded FIFO of the most recent rows, with seeded uniform sampling.
 
