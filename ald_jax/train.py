@@ -17,6 +17,7 @@ import datetime
 import json
 import logging as std_logging
 import os
+import signal
 import sys
 import types as pytypes
 from typing import Any, Callable, NamedTuple
@@ -127,6 +128,21 @@ FLAG_TABLE = (
           "Stop after this many NaN/inf updates in a row (each is skipped)."),
     _Flag("max_wall_time_s", "max_wall_time_s", "float",
           "Stop after this many seconds (0: no limit)."),
+    _Flag("actors", "actors", "enum",
+          "threads: actor threads in this process; processes: Ray actor "
+          "processes (pip install 'ald_jax[ray]').", config_lib.ACTOR_MODES),
+    _Flag("ray_address", "ray_address", "str",
+          "With --actors=processes: HOST:PORT of a running Ray cluster to "
+          "join (empty: start a local Ray for this run)."),
+    _Flag("actor_stall_s", "actor_stall_s", "float",
+          "An actor with no progress for this long is stalled: the run stops "
+          "naming it (threads) or restarts it (processes); 0: off."),
+    _Flag("max_actor_restarts", "max_actor_restarts", "int",
+          "Process mode: actor restarts (death, stall) before the run fails."),
+    _Flag("nonfinite_obs", "nonfinite_obs", "enum",
+          "A NaN/inf observation: error stops the run naming the env and "
+          "step; mask zeroes it and counts it.",
+          config_lib.NONFINITE_OBS_POLICIES),
 )
 _BY_PATH = {f.path: f for f in FLAG_TABLE}
 
@@ -262,6 +278,24 @@ class _QuietLibraries(std_logging.Filter):
             or "orbax" not in record.pathname)
 
 
+def exit_status(stopped_by: str) -> int:
+  """0 when the run reached its budget (or wall-time limit); 128 + signal
+  number after a signal stop, like a shell reports a signalled process."""
+  if stopped_by.startswith("signal:"):
+    return 128 + signal.Signals[stopped_by.split(":", 1)[1]].value
+  return 0
+
+
+def _plot(run_dir: str) -> None:
+  """Draws <run_dir>/curves.png; a failure is logged, never raised."""
+  from ald_jax import plot  # pylint: disable=import-outside-toplevel
+  try:
+    if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+      plot.plot_runs([run_dir], os.path.join(run_dir, "curves.png"))
+  except Exception:  # pylint: disable=broad-except
+    logging.exception("plotting %s failed", run_dir)
+
+
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -276,18 +310,28 @@ def main(argv) -> int:
   logging.get_absl_handler().addFilter(_QuietLibraries())
   from ald_jax.system import run  # pylint: disable=import-outside-toplevel
   from ald_jax.system import timing  # pylint: disable=import-outside-toplevel
+  from ald_jax.system import errors  # pylint: disable=import-outside-toplevel
   try:
     result = run.train(config)
   except (config_lib.ConfigError, ValueError, timing.TActorBudgetError) as error:
-    # Bad input found before any thread started (environment kwargs, specs,
+    # Bad input found before any actor started (environment kwargs, specs,
     # an existing run directory ...).
     print(f"error: {error}", file=sys.stderr)
     return 2
-  except run.RunError as error:
+  except errors.RunError as error:
+    # Known failures print their cause only; an unexpected exception (e.g. a
+    # bug in an environment) also gets its traceback.
     print(f"run failed: {error}", file=sys.stderr)
+    if error.cause_traceback:
+      print(error.cause_traceback, file=sys.stderr)
+    _plot(os.path.abspath(config.logdir))
     return 1
+  _plot(result.run_dir)
+  if result.stuck_actors:
+    print(f"actors still running at exit: {', '.join(result.stuck_actors)}",
+          file=sys.stderr)
   print(f"run directory: {result.run_dir} (stopped by {result.stopped_by})")
-  return 0
+  return exit_status(result.stopped_by)
 
 
 def run_cli() -> None:

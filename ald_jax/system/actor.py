@@ -333,8 +333,12 @@ class ActorThread(threading.Thread):
           f"{self._env_info.num_actions}; every environment the factory "
           "builds must have the same specs")
 
-  def _check_observation(self, timestep: Any, stream_id: np.ndarray) -> Any:
-    """Stops (or masks and counts) on a NaN/inf observation."""
+  def _check_observation(self, timestep: Any, stream_id: np.ndarray,
+                         step: int) -> Any:
+    """Stops (or masks and counts) on a NaN/inf observation.
+
+    `step`: n after the n-th `env.step` call, 0 after the reset.
+    """
     observation = np.asarray(timestep.observation)
     finite = np.isfinite(observation)
     if finite.all():
@@ -345,7 +349,7 @@ class ActorThread(threading.Thread):
       raise errors_lib.NonFiniteObservationError(
           f"actor {self.actor_id}: environment {env_index} (stream "
           f"{int(stream_id[env_index])}) returned a non-finite observation at "
-          f"its step {self._env_steps // len(observation)} (nonfinite_obs="
+          f"its step {step} (nonfinite_obs="
           "error; --nonfinite_obs=mask zeroes and counts them instead)")
     self._nonfinite_obs_steps += int(bad_envs.size)
     return timestep._replace(
@@ -383,7 +387,7 @@ class ActorThread(threading.Thread):
     stream_id = (np.arange(num_envs, dtype=np.int32) +
                  (self.actor_id * num_envs if self._stream_offset is None
                   else self._stream_offset))
-    timestep = self._check_observation(env.reset(), stream_id)
+    timestep = self._check_observation(env.reset(), stream_id, 0)
     window = None
     unroll_version = 0
     unroll_index = 0
@@ -439,7 +443,8 @@ class ActorThread(threading.Thread):
       else:
         j += 1
 
-      timestep = self._check_observation(env.step(action), stream_id)
+      timestep = self._check_observation(
+          env.step(action), stream_id, self._env_steps // num_envs + 1)
       self._env_steps += num_envs
       self.last_progress = time.monotonic()
       self._record_episodes(timestep)

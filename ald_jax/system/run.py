@@ -321,6 +321,7 @@ def train(config: config_lib.TrainConfig,
     if not isinstance(first_error.error, errors.NonFiniteLossError):
       # The learner state is sound (NaN updates were skipped).
       first_error.attempt("final checkpoint", loop.checkpoint)
+    logging.info("stopping actors (deadline %.0f s)", STOP_DEADLINE_S)
     stuck = first_error.attempt(
         "stopping actors", lambda: pool.stop(STOP_DEADLINE_S)) or []
     stopped_by = ("error" if first_error.error is not None
