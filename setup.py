@@ -28,6 +28,9 @@ setuptools.setup(
         "test": ["pytest>=8", "pytest-timeout>=2.3", "rlax>=0.1.6", "gymnasium>=1.0"],
         "gymnasium": ["gymnasium>=1.0"],
         "cuda": ["jax[cuda12]>=0.10"],
+        # --actors=processes: actor processes on one machine or a cluster.
+        # Plain `ray` (core) is enough; no dashboard or autoscaler needed.
+        "ray": ["ray>=2.40"],
     },
     entry_points={"console_scripts": ["ald-train=ald_jax.train:run_cli"]},
 )
