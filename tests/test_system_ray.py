@@ -43,14 +43,6 @@ class RowHook:
     monkeypatch.setattr(loop_lib.LearnerLoop, "row", row)
 
 
-def _alive(pid):
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  return True
-
-
 @pytest.mark.timeout(300)
 def test_processes_act_get_params_are_trained_on_and_shut_down(
     tmp_path, monkeypatch):
@@ -74,7 +66,7 @@ def test_processes_act_get_params_are_trained_on_and_shut_down(
   # Nothing left: the run started Ray and shut it down, processes are gone.
   assert not ray.is_initialized()
   pids = hook.pools[0].actor_pids()
-  assert len(pids) == 2 and not [p for p in pids if _alive(p)]
+  assert len(pids) == 2 and not [p for p in pids if ray_pool.process_alive(p)]
 
 
 @pytest.mark.timeout(300)

@@ -291,12 +291,12 @@ class RayActorPool:
 
   def _restart(self, slot: _Slot, why: str) -> None:
     slot.last_failure = why
-    slot.restarts += 1
     limit = self._config.max_actor_restarts
-    if sum(s.restarts for s in self._slots) > limit:
+    if sum(s.restarts for s in self._slots) >= limit:
       raise errors.ActorRestartLimitError(
           f"actor {slot.actor_id} failed and the run is past "
           f"--max_actor_restarts={limit}; its last failure: {why}")
+    slot.restarts += 1
     logging.warning("actor %d %s; restarting it (restart %d of %d)",
                     slot.actor_id, why, sum(s.restarts for s in self._slots),
                     limit)
@@ -383,8 +383,47 @@ class RayActorPool:
       logging.error("actor processes that did not stop within %.0f s were "
                     "killed: %s", deadline_s, stuck)
     if self._started_ray:
-      ray.shutdown()
+      # Our local Ray: raylet, GCS and every worker end with the run.
+      ray.shutdown(wait_for_processes=True)
+      left = wait_for_exit(self.actor_pids(),
+                           max(2.0, deadline - time.monotonic()))
+      for pid in left:
+        try:
+          os.kill(pid, 9)
+        except OSError:
+          pass
+      if left:
+        logging.warning("killed actor processes left after ray.shutdown: %s",
+                        left)
     return []  # a killed process leaves nothing running
+
+
+def process_alive(pid: int) -> bool:
+  """True while `pid` runs (a zombie, exited but not reaped, counts as gone)."""
+  try:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("State:"):
+          return "Z" not in line.split()[1]
+  except OSError:
+    pass
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return not os.path.isdir("/proc")  # no /proc: trust kill(0)
+
+
+def wait_for_exit(pids: list[int], timeout_s: float) -> list[int]:
+  """Waits (in 50 ms slices) until `pids` are gone; returns those left."""
+  deadline = time.monotonic() + timeout_s
+  left = [pid for pid in pids if process_alive(pid)]
+  while left and time.monotonic() < deadline:
+    time.sleep(0.05)
+    left = [pid for pid in left if process_alive(pid)]
+  return left
 
 
 class _View:
