@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from ald_jax import types
+from ald_jax.envs import specs as specs_lib
 from ald_jax.system import actor as actor_lib
 from ald_jax.system import affinity
 from ald_jax.system import params as params_lib
@@ -447,3 +448,72 @@ def test_summarize_actors_sums_counters_and_merges_latency():
       sum(a.stats().actor_sps for a in actors))
   assert row["actor1_t_actor_count"] == actors[1].latency.count
   assert row["version_lag"] == 0
+
+
+def _make_actor_with(make_env, **kwargs) -> Harness:
+  slot = params_lib.ParamsSlot()
+  slot.publish(_params(1.0))
+  q = queue.Queue(maxsize=8)
+  stop = threading.Event()
+  errors = queue_utils.ErrorHolder(stop)
+  actor = actor_lib.ActorThread(
+      0, make_env, FAKE_CORE, slot, q, stop, errors, unroll_length=4,
+      context_length=0, seed=7, poll_s=0.02, **kwargs)
+  return Harness(actor, slot, q, stop, errors)
+
+
+def test_env_not_matching_the_probed_specs_is_refused():
+  probed = specs_lib.EnvInfo(obs_shape=(OBS_DIM + 1,), num_actions=NUM_ACTIONS)
+  h = _make_actor_with(lambda: CounterEnv((5,)), env_info=probed)
+  h.actor.start()
+  h.actor.join(JOIN_S)
+  assert isinstance(h.errors.error, specs_lib.UnsupportedEnvironmentError)
+  assert "actor 0: its environments have observation shape (3,)" in str(
+      h.errors.error)
+
+
+class NaNObsEnv(CounterEnv):
+  """Env 1's observation is NaN at env.step call 3 (its step 3)."""
+
+  def step(self, actions):
+    timestep = super().step(actions)
+    if self.steps == 3:
+      observation = timestep.observation.copy()
+      observation[1, 2] = np.nan
+      timestep = timestep._replace(observation=observation)
+    return timestep
+
+
+def test_nonfinite_observation_error_names_env_stream_and_step():
+  h = _make_actor_with(lambda: NaNObsEnv((50, 50)), stream_offset=10)
+  h.actor.start()
+  h.actor.join(JOIN_S)
+  assert str(h.errors.error).startswith(
+      "actor 0: environment 1 (stream 11) returned a non-finite observation "
+      "at its step 3")
+
+
+def test_nonfinite_observation_masked_and_counted():
+  h = _make_actor_with(lambda: NaNObsEnv((50, 50)), nonfinite_obs="mask")
+  h.actor.start()
+  unrolls = _collect(h, 1)
+  _finish(h)
+  assert h.errors.error is None
+  # Stream step 3 is unroll 0's position 3: zeroed where it was NaN.
+  assert unrolls[0].observation[1, 3, 2] == 0.0
+  assert np.all(np.isfinite(unrolls[0].observation))
+  assert h.actor.stats().nonfinite_obs_steps == 1
+
+
+def test_progress_moves_while_blocked_on_a_full_queue():
+  h = _make_actor(lambda: CounterEnv((5,)), unroll=4, maxsize=1)
+  watched = _WatchedQueue(1)
+  h.actor._queue = watched  # pylint: disable=protected-access
+  h.actor.start()
+  assert watched.full_attempts.acquire(timeout=JOIN_S)
+  before = h.actor.last_progress
+  assert watched.full_attempts.acquire(timeout=JOIN_S)
+  assert watched.full_attempts.acquire(timeout=JOIN_S)
+  # No env step happened, yet waiting on the learner counts as progress.
+  assert h.actor.last_progress > before
+  _finish(h)

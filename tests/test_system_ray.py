@@ -92,3 +92,61 @@ def test_killed_process_restarts_then_the_limit_stops_the_run(
   rows = metrics_lib.read_metrics(tmp_path)
   assert max(r.get("actor_restarts", 0) for r in rows) == 1
   assert not ray.is_initialized()
+
+
+class HangingIMaze:
+  """Factory of I-Maze environments that block forever after 20 steps
+  (pickled by value: actor processes cannot import this test module)."""
+
+  def __call__(self, seed):
+    import threading as threading_lib  # pylint: disable=import-outside-toplevel,reimported
+    from ald_jax.envs import imaze  # pylint: disable=import-outside-toplevel
+
+    class Env(imaze.IMaze):
+      steps = 0
+
+      def step(self, action):
+        self.steps += 1
+        if self.steps > 20:
+          threading_lib.Event().wait()  # hangs
+        return super().step(action)
+    return Env(seed=seed)
+
+
+@pytest.mark.timeout(300)
+def test_stalled_process_is_restarted_then_the_limit_stops_the_run(tmp_path):
+  import sys  # pylint: disable=import-outside-toplevel
+  from ray import cloudpickle  # pylint: disable=import-outside-toplevel
+  cloudpickle.register_pickle_by_value(sys.modules[__name__])
+  config = process_run(tmp_path, total_env_steps=10**8, actor_stall_s=3.0,
+                       max_actor_restarts=1)
+  with pytest.raises(errors.ActorRestartLimitError,
+                     match=r"its last failure: stalled: no environment step"):
+    run.train(config, env_factory=HangingIMaze())
+  assert not ray.is_initialized()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_cluster_actors_on_worker_nodes_only_learn_imaze(tmp_path, monkeypatch):
+  """A head (no CPUs for actors) plus two CPU worker nodes on this machine:
+  the actor processes land on the workers and ALD learns I-Maze (N=4)."""
+  from ray import cluster_utils  # pylint: disable=import-outside-toplevel
+  import test_system_run  # pylint: disable=import-outside-toplevel
+  cluster = cluster_utils.Cluster(
+      initialize_head=True, head_node_args={"num_cpus": 0})
+  workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+  cluster.wait_for_nodes()
+  hook = RowHook(monkeypatch, lambda pool, row: None)
+  try:
+    learns = test_system_run.learning_config(tmp_path)
+    config = dataclasses.replace(learns, actors="processes",
+                                 ray_address=cluster.address)
+    result = run.train(config)
+    placed = hook.pools[0].actor_node_ids()
+  finally:
+    if ray.is_initialized():
+      ray.shutdown()
+    cluster.shutdown()
+  assert placed and placed <= {w.node_id for w in workers}
+  assert result.final_row["success_rate"] >= 0.9, result.final_row

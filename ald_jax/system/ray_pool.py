@@ -80,6 +80,7 @@ class PollReply(NamedTuple):
   error: str | None                # "Type: message" of the thread's failure
   error_traceback: str | None
   pid: int
+  node_id: str                     # the Ray node the process runs on
 
 
 class _ActorProcess:
@@ -109,6 +110,7 @@ class _ActorProcess:
         stream_offset=actor_id * spec.envs_per_actor, env_info=env_info,
         nonfinite_obs=spec.nonfinite_obs)
     self._thread.start()  # acts once the first parameters arrive
+    self._node_id = self._ray.get_runtime_context().get_node_id()
     self._version = 0
 
   def poll(self, version: int, params_ref: list, with_latency: bool
@@ -136,7 +138,7 @@ class _ActorProcess:
     return PollReply(unrolls, self._thread.drain_episodes(),
                      self._thread.stats(), latency,
                      time.monotonic() - self._thread.last_progress, error,
-                     self._errors.traceback, os.getpid())
+                     self._errors.traceback, os.getpid(), self._node_id)
 
   def stop(self, timeout_s: float) -> bool:
     """Stops the thread; True if it ended within `timeout_s`."""
@@ -161,6 +163,7 @@ class _Slot:
     self.unrolls_received = 0
     self.last_failure = ""
     self.pids: list[int] = []
+    self.node_ids: set[str] = set()
 
   @property
   def env_steps(self) -> int:
@@ -177,7 +180,8 @@ class RayActorPool:
     self._spec = spec
     self._config = config
     self._ray = None
-    self._started_ray = False
+    self._connected = False   # this pool called ray.init
+    self._started_ray = False  # ... and that started a local Ray
     self._remote_class: Any = None
     self._slots = [_Slot(i) for i in range(spec.num_actors)]
     self._ready: list[types.Batch] = []
@@ -210,6 +214,7 @@ class RayActorPool:
       ray.init(address=address, include_dashboard=False,
                log_to_driver=False, configure_logging=False,
                runtime_env={"env_vars": env_vars}, **kwargs)
+      self._connected = True
       self._started_ray = address is None
     self._remote_class = ray.remote(num_cpus=1)(_ActorProcess)
     # What a process needs besides the learner config: envs and sizes (the
@@ -279,6 +284,7 @@ class RayActorPool:
     slot.last = reply
     if reply.pid not in slot.pids:
       slot.pids.append(reply.pid)
+    slot.node_ids.add(reply.node_id)
     if reply.latency is not None:
       slot.latency = reply.latency
     slot.unrolls_received += len(reply.unrolls)
@@ -348,6 +354,10 @@ class RayActorPool:
       row[prefix + "restarts"] = slot.restarts
     return row
 
+  def actor_node_ids(self) -> set[str]:
+    """The Ray nodes actor processes ran on."""
+    return set().union(*(slot.node_ids for slot in self._slots))
+
   def actor_pids(self) -> list[int]:
     """Every actor process pid seen in this run (tests check they are gone)."""
     return [pid for slot in self._slots for pid in slot.pids]
@@ -395,6 +405,8 @@ class RayActorPool:
       if left:
         logging.warning("killed actor processes left after ray.shutdown: %s",
                         left)
+    elif self._connected:
+      ray.shutdown()  # disconnects; the cluster keeps running
     return []  # a killed process leaves nothing running
 
 
