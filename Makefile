@@ -10,7 +10,7 @@ $(STAMP): setup.py constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "ald_jax needs Python 3.11+, found " + sys.version' 
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,ray]'
 	@touch $(STAMP)
 
 # Default ALD run (GTrXL learner distilled into an LSTM actor) on I-Maze.

@@ -33,6 +33,9 @@ setuptools.setup(
         # TensorBoard scalars from MetricsWriter (writes event files; no TF).
         "tensorboard": ["tensorboardX>=2.6"],
         "cuda": ["jax[cuda12]>=0.10"],
+        # --actors=processes: actor processes on one machine or a cluster.
+        # Plain `ray` (core) is enough; no dashboard or autoscaler needed.
+        "ray": ["ray>=2.40"],
     },
     entry_points={"console_scripts": ["ald-train=ald_jax.train:run_cli"]},
 )

@@ -283,6 +283,8 @@ class LearnerConfig:
 
 
 T_ACTOR_POLICIES = ("refuse", "warn")
+ACTOR_MODES = ("threads", "processes")
+NONFINITE_OBS_POLICIES = ("error", "mask")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,7 +296,9 @@ class TrainConfig:
   num_actors: int = 2
   envs_per_actor: int = 8
   total_env_steps: int = 500_000   # default I-Maze: >= 90% success by ~150k
-  distill_steps_per_rl_step: float = 1.0
+  # Distill-only steps per combined step (float; None: 1.0 for "ald", the only
+  # agent with a separate actor, and 0 for the others).
+  distill_steps_per_rl_step: float | None = None
   replay_capacity: int = 256          # unroll rows kept for distill-only steps
   queue_capacity: int = 8             # unrolls in flight between actors and learner
   t_actor_budget_ms: float = 10.0
@@ -311,8 +315,20 @@ class TrainConfig:
   checkpoint_interval_s: float = 300.0
   keep_checkpoints: int = 3
   resume: bool = False
+  # Fields a --resume may change (flag names, dotted paths or field names;
+  # see system/run_dir.py). Everything else must match the stored config.
+  resume_allow_change: tuple[str, ...] = ()
+  # TensorBoard scalars in the run directory when tensorboardX is installed.
+  tensorboard: bool = True
   max_consecutive_nonfinite: int = 10
   max_wall_time_s: float = 0.0        # 0: no wall-clock limit
+  # Where actors run: "threads" in this process, "processes" in Ray actor
+  # processes (needs `pip install 'ald_jax[ray]'`).
+  actors: str = "threads"
+  ray_address: str = ""               # "": start a local Ray; HOST:PORT joins
+  actor_stall_s: float = 300.0        # no actor progress this long: stalled (0: off)
+  max_actor_restarts: int = 3         # process mode: restarts before the run fails
+  nonfinite_obs: str = "error"        # "error" stops the run; "mask" zeroes, counts
 
   def __post_init__(self):
     _require(isinstance(self.env, str) and self.env != "", "env",
@@ -325,7 +341,15 @@ class TrainConfig:
     _positive_int(self.num_actors, "num_actors")
     _positive_int(self.envs_per_actor, "envs_per_actor")
     _positive_int(self.total_env_steps, "total_env_steps")
+    if self.distill_steps_per_rl_step is None:
+      object.__setattr__(self, "distill_steps_per_rl_step",
+                         1.0 if self.learner.agent == "ald" else 0.0)
     _non_negative(self.distill_steps_per_rl_step, "distill_steps_per_rl_step")
+    _require(isinstance(self.resume_allow_change, tuple) and all(
+        isinstance(name, str) and name for name in self.resume_allow_change),
+             "resume_allow_change", "must be a tuple of field or flag names, "
+             f"got {self.resume_allow_change!r}")
+    _bool(self.tensorboard, "tensorboard")
     _require(self.distill_steps_per_rl_step == 0 or self.learner.agent == "ald",
              "distill_steps_per_rl_step",
              f"must be 0 for agent {self.learner.agent!r} (only 'ald' has a "
@@ -349,6 +373,24 @@ class TrainConfig:
     _bool(self.pin_learner, "pin_learner")
     _bool(self.resume, "resume")
     _non_negative(self.max_wall_time_s, "max_wall_time_s", allow_inf=True)
+    _require(self.learner.batch_size <= self.num_actors * self.envs_per_actor,
+             "batch_size", f"must be <= num_actors * envs_per_actor "
+             f"({self.num_actors * self.envs_per_actor}): a batch holds each "
+             f"environment stream at most once, got {self.learner.batch_size}")
+    _require(self.actors in ACTOR_MODES, "actors",
+             f"must be one of {ACTOR_MODES}, got {self.actors!r}")
+    _require(isinstance(self.ray_address, str), "ray_address",
+             f"must be a string (HOST:PORT or empty), got {self.ray_address!r}")
+    _require(self.ray_address == "" or self.actors == "processes",
+             "ray_address", "needs actors='processes' (--actors=processes)")
+    _non_negative(self.actor_stall_s, "actor_stall_s")
+    _require(isinstance(self.max_actor_restarts, int)
+             and not isinstance(self.max_actor_restarts, bool)
+             and self.max_actor_restarts >= 0, "max_actor_restarts",
+             f"must be an integer >= 0, got {self.max_actor_restarts!r}")
+    _require(self.nonfinite_obs in NONFINITE_OBS_POLICIES, "nonfinite_obs",
+             f"must be one of {NONFINITE_OBS_POLICIES}, got "
+             f"{self.nonfinite_obs!r}")
 
   @property
   def env_kwargs_dict(self) -> dict[str, Any]:

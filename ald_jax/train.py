@@ -17,6 +17,7 @@ import datetime
 import json
 import logging as std_logging
 import os
+import signal
 import sys
 import types as pytypes
 from typing import Any, Callable, NamedTuple
@@ -26,6 +27,7 @@ from absl import flags
 from absl import logging
 
 from ald_jax import config as config_lib
+from ald_jax.system import run_dir as run_dir_lib
 
 
 class _Flag(NamedTuple):
@@ -93,6 +95,30 @@ FLAG_TABLE = (
           "Actor (distillation) Adam learning rate."),
     _Flag("max_grad_norm", "learner.learner_optimizer.max_grad_norm", "float",
           "Global gradient-norm clip (learner and actor)."),
+    _Flag("learner_memory", "learner.learner_memory", "enum",
+          "How the transformer reads history: cached (Transformer-XL segment "
+          "memory per stream) or recompute (re-read the C context steps).",
+          config_lib.LEARNER_MEMORIES),
+    _Flag("actor_context", "learner.actor_context", "int",
+          "How far back the actor can learn to remember: context steps each "
+          "row's LSTM is trained through (default: all of learner_context)."),
+    _Flag("distill_teacher", "learner.distill.teacher", "enum",
+          "Distill-only steps: teacher outputs stored with the replayed rows "
+          "(LSTM only) or recomputed by the current GTrXL.",
+          config_lib.TEACHERS),
+    _Flag("distill_step_weighting", "learner.distill.step_weighting", "enum",
+          "Per-step weights of the distillation terms.",
+          config_lib.STEP_WEIGHTINGS),
+    _Flag("distill_policy_cost", "learner.distill.policy_cost", "float",
+          "alpha_pi: weight of KL(sg[pi_L] || pi_A)."),
+    _Flag("distill_value_cost", "learner.distill.value_cost", "float",
+          "alpha_V: weight of 1/2 (sg[V_L] - V_A)^2."),
+    _Flag("vmpo_dual_lr", "learner.vmpo.dual_learning_rate", "float",
+          "V-MPO: learning rate of the duals' own Adam (eta, alpha)."),
+    _Flag("vmpo_init_eta", "learner.vmpo.init_eta", "float",
+          "V-MPO: initial temperature eta."),
+    _Flag("vmpo_init_alpha", "learner.vmpo.init_alpha", "float",
+          "V-MPO: initial KL multiplier alpha."),
     _Flag("num_actors", "num_actors", "int", "Actor threads."),
     _Flag("envs_per_actor", "envs_per_actor", "int",
           "E: environments stepped together by one actor thread."),
@@ -123,10 +149,31 @@ FLAG_TABLE = (
           "Checkpoints kept (the newest)."),
     _Flag("resume", "resume", "bool", "Continue from the newest checkpoint "
           "in --logdir."),
+    _Flag("resume_allow_change", "resume_allow_change", "str",
+          "With --resume: comma-separated flags or config fields allowed to "
+          "differ from the stored config (e.g. total_env_steps)."),
+    _Flag("tensorboard", "tensorboard", "bool",
+          "Write TensorBoard scalars into the run directory (needs "
+          "tensorboardX: pip install 'ald_jax[tensorboard]')."),
     _Flag("max_consecutive_nonfinite", "max_consecutive_nonfinite", "int",
           "Stop after this many NaN/inf updates in a row (each is skipped)."),
     _Flag("max_wall_time_s", "max_wall_time_s", "float",
           "Stop after this many seconds (0: no limit)."),
+    _Flag("actors", "actors", "enum",
+          "threads: actor threads in this process; processes: Ray actor "
+          "processes (pip install 'ald_jax[ray]').", config_lib.ACTOR_MODES),
+    _Flag("ray_address", "ray_address", "str",
+          "With --actors=processes: HOST:PORT of a running Ray cluster to "
+          "join (empty: start a local Ray for this run)."),
+    _Flag("actor_stall_s", "actor_stall_s", "float",
+          "An actor with no progress for this long is stalled: the run stops "
+          "naming it (threads) or restarts it (processes); 0: off."),
+    _Flag("max_actor_restarts", "max_actor_restarts", "int",
+          "Process mode: actor restarts (death, stall) before the run fails."),
+    _Flag("nonfinite_obs", "nonfinite_obs", "enum",
+          "A NaN/inf observation: error stops the run naming the env and "
+          "step; mask zeroes it and counts it.",
+          config_lib.NONFINITE_OBS_POLICIES),
 )
 _BY_PATH = {f.path: f for f in FLAG_TABLE}
 
@@ -142,6 +189,8 @@ def _default(flag: _Flag) -> Any:
     return None  # resolved per agent
   if flag.name == "env_kwargs":
     return "{}"
+  if flag.name == "resume_allow_change":
+    return ""
   if flag.name == "logdir":
     return ""  # a fresh timestamped directory per run
   value = _get_path(_DEFAULT, flag.path)
@@ -184,6 +233,10 @@ def _parse_value(flag: _Flag, raw: Any) -> Any:
       raise config_lib.ConfigError(
           f"{flag.path}: expected comma-separated integers, got {raw!r}"
       ) from None
+  if flag.name == "resume_allow_change":
+    names = [name.strip() for name in str(raw).split(",") if name.strip()]
+    return run_dir_lib.resolve_allow_names(
+        names, {f.name: f.path for f in FLAG_TABLE})
   if flag.name == "env_kwargs":
     try:
       kwargs = json.loads(raw) if raw else {}
@@ -231,9 +284,6 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS
           "%Y%m%d-%H%M%S")
       values["logdir"] = os.path.join(
           "runs", f"{values['learner']['agent']}_{values['env']}_{stamp}")
-    if "distill_steps_per_rl_step" not in values:
-      values["distill_steps_per_rl_step"] = (
-          1.0 if values["learner"]["agent"] == "ald" else 0.0)
     return _build(config_lib.TrainConfig, values)
   except config_lib.ConfigError as error:
     raise app.UsageError(_name_flag(str(error))) from None
@@ -262,6 +312,24 @@ class _QuietLibraries(std_logging.Filter):
             or "orbax" not in record.pathname)
 
 
+def exit_status(stopped_by: str) -> int:
+  """0 when the run reached its budget (or wall-time limit); 128 + signal
+  number after a signal stop, like a shell reports a signalled process."""
+  if stopped_by.startswith("signal:"):
+    return 128 + signal.Signals[stopped_by.split(":", 1)[1]].value
+  return 0
+
+
+def _plot(run_dir: str) -> None:
+  """Draws <run_dir>/curves.png; a failure is logged, never raised."""
+  from ald_jax import plot  # pylint: disable=import-outside-toplevel
+  try:
+    if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+      plot.plot_runs([run_dir], os.path.join(run_dir, "curves.png"))
+  except Exception:  # pylint: disable=broad-except
+    logging.exception("plotting %s failed", run_dir)
+
+
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -276,18 +344,28 @@ def main(argv) -> int:
   logging.get_absl_handler().addFilter(_QuietLibraries())
   from ald_jax.system import run  # pylint: disable=import-outside-toplevel
   from ald_jax.system import timing  # pylint: disable=import-outside-toplevel
+  from ald_jax.system import errors  # pylint: disable=import-outside-toplevel
   try:
     result = run.train(config)
   except (config_lib.ConfigError, ValueError, timing.TActorBudgetError) as error:
-    # Bad input found before any thread started (environment kwargs, specs,
+    # Bad input found before any actor started (environment kwargs, specs,
     # an existing run directory ...).
     print(f"error: {error}", file=sys.stderr)
     return 2
-  except run.RunError as error:
+  except errors.RunError as error:
+    # Known failures print their cause only; an unexpected exception (e.g. a
+    # bug in an environment) also gets its traceback.
     print(f"run failed: {error}", file=sys.stderr)
+    if error.cause_traceback:
+      print(error.cause_traceback, file=sys.stderr)
+    _plot(os.path.abspath(config.logdir))
     return 1
+  _plot(result.run_dir)
+  if result.stuck_actors:
+    print(f"actors still running at exit: {', '.join(result.stuck_actors)}",
+          file=sys.stderr)
   print(f"run directory: {result.run_dir} (stopped by {result.stopped_by})")
-  return 0
+  return exit_status(result.stopped_by)
 
 
 def run_cli() -> None:

@@ -10,8 +10,13 @@ is excluded. Prints one JSON object:
   <agent>_learner_steps_per_s, <agent>_learner_frames_per_s (B * T per step)
   <agent>_t_actor_p50_us, <agent>_t_actor_p99_us
   <agent>_bottleneck         "learner" if actors mostly wait on a full queue
+  <agent>_t_actor_alone_p50_us, <agent>_t_actor_alone_p99_us
+                             the same acting step (same agent, sizes and E)
+                             measured alone in a pinned thread, in this run
+  actors                     "threads" or "processes" (--actors)
 
     python experiments/bench_system.py --seconds_per_agent=60 --preset=default
+    python experiments/bench_system.py --actors=processes   # needs ald_jax[ray]
 """
 import dataclasses
 import datetime
@@ -28,6 +33,10 @@ import jax
 
 from ald_jax import config as config_lib
 from ald_jax import metrics as metrics_lib
+from ald_jax import learner as learner_lib
+from ald_jax.envs import registry
+from ald_jax.system import actor as actor_lib
+from ald_jax.system import affinity
 from ald_jax.system import run
 
 _SECONDS = flags.DEFINE_float("seconds_per_agent", 60.0,
@@ -39,6 +48,10 @@ _AGENTS = flags.DEFINE_list("agents", list(config_lib.AGENTS), "Agents to run.")
 _NUM_ACTORS = flags.DEFINE_integer("num_actors", 2, "Actor threads.")
 _ENVS = flags.DEFINE_integer("envs_per_actor", 8, "Environments per actor.")
 _OUT = flags.DEFINE_string("out", "", "Also write the JSON here.")
+_ACTORS = flags.DEFINE_enum("actors", "threads", list(config_lib.ACTOR_MODES),
+                            "Actor threads in this process or Ray processes.")
+_ALONE_CALLS = flags.DEFINE_integer(
+    "alone_calls", 5000, "Acting steps timed alone per agent.")
 
 
 def learner_config(agent: str, preset: str) -> config_lib.LearnerConfig:
@@ -69,6 +82,24 @@ def steady_rates(rows):
   }
 
 
+def t_actor_alone(config: config_lib.TrainConfig) -> dict:
+  """The run's acting step timed alone (same agent, sizes, E, core)."""
+  jax.config.update("jax_cpu_enable_async_dispatch", False)
+  factory = registry.make_env_factory(config.env, **config.env_kwargs_dict)
+  env_info = run.probe_environment(factory, config.seed)
+  lcfg = config.learner
+  learner = learner_lib.make_learner(lcfg, env_info.obs_shape,
+                                     env_info.num_actions)
+  state = learner.init(jax.random.PRNGKey(0),
+                       learner.example_batch(lcfg.batch_size))
+  cores = affinity.assign_cores(config.num_actors, reserve_for_learner=1)
+  summary = actor_lib.calibrate_core(
+      learner.actor_core, learner.actor_params(state), env_info.obs_shape,
+      config.envs_per_actor, budget_ms=None, policy="warn",
+      num_calls=_ALONE_CALLS.value, cores=cores.actors[0])
+  return {"p50_us": summary.p50_us, "p99_us": summary.p99_us}
+
+
 def bench_agent(agent: str, workdir: str) -> dict:
   lcfg = learner_config(agent, _PRESET.value)
   config = config_lib.TrainConfig(
@@ -77,7 +108,9 @@ def bench_agent(agent: str, workdir: str) -> dict:
       distill_steps_per_rl_step=1.0 if agent == "ald" else 0.0,
       t_actor_policy="warn", report_interval_s=2.0,
       checkpoint_interval_s=10**6, logdir=os.path.join(workdir, agent),
-      max_wall_time_s=_SECONDS.value + 60.0)  # + start-up and compile
+      max_wall_time_s=_SECONDS.value + 60.0,  # + start-up and compile
+      actors=_ACTORS.value)
+  alone = t_actor_alone(config)
   result = run.train(config)
   rows = metrics_lib.read_metrics(result.run_dir)
   rates = steady_rates(rows) or {"env_sps": float("nan"),
@@ -99,6 +132,8 @@ def bench_agent(agent: str, workdir: str) -> dict:
       f"{agent}_bottleneck": "learner" if waiting > 0.2 * (active + waiting)
                              else "actors",
       f"{agent}_measured_s": rates["seconds"],
+      f"{agent}_t_actor_alone_p50_us": alone["p50_us"],
+      f"{agent}_t_actor_alone_p99_us": alone["p99_us"],
   }
 
 
@@ -116,6 +151,7 @@ def main(argv):
       "seconds_per_agent": _SECONDS.value,
       "num_actors": _NUM_ACTORS.value,
       "envs_per_actor": _ENVS.value,
+      "actors": _ACTORS.value,
   }
   with tempfile.TemporaryDirectory() as workdir:
     for agent in _AGENTS.value:

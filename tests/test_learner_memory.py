@@ -198,11 +198,12 @@ def test_distillation_window_teaches_a_memory_longer_than_the_unroll(
                                    mlp_size=16, memory_length=32),
       distill=config_lib.DistillConfig(value_cost=0.0),
       actor_optimizer=config_lib.OptimizerConfig(learning_rate=3e-3))
+  # Measured: span 30 is learned (100%) after ~600-800 updates at lr 3e-3.
   learner = learner_lib.make_learner(cfg, (4,), 2)
   rng = np.random.default_rng(0)
   batch, teacher, _, _ = cue_batch(rng, 32)
   state = learner.init(jax.random.PRNGKey(0), batch)
-  for _ in range(400):
+  for _ in range(900):
     batch, teacher, _, _ = cue_batch(rng, 32)
     # A distill-only update through the replay path, with a fixed teacher.
     replay = learner_lib.Replay(rows=batch, teacher=teacher,

@@ -20,13 +20,13 @@ Semantics implemented (update these functions when the learner's change):
     delta_s = min(rho_bar, rho_s)(r_s + d_s V_{s+1} - V_s), c_i = lambda
     min(1, rho_i); a masked step has rho = c = d = 0. pg advantage
     min(rho_bar_pg, rho_t)(r_t + d_t vs_{t+1} - V_t) with vs_T = V_T.
-  * V-MPO (current learner, main 40e1bbc): value targets are the V-trace vs of
-    the *learner's* policy against the behaviour logits (lambda 1, clips 1) or
-    the n-step returns (value_target="nstep"); advantages A = target - V(s_t)
-    (NOT the V-trace pg form; the losses rewrite changes this to
-    r_t + d_t vs_{t+1} - V(s_t)); top-k keeps k = floor(fraction * B*T)
-    samples (counting masked ones; the rewrite counts valid ones only) among
-    the valid ones; psi = softmax(A/eta) over them.
+  * V-MPO (issue 7): value targets are the V-trace vs of the learner's
+    policy against the behaviour logits (with the vtrace lambda and rho clip)
+    or n-step returns (value_target="nstep"); advantages are the V-trace
+    policy-gradient form without the rho factor, A = r_t + d_t vs_{t+1} - V_t
+    (vs_T = V_T), or G_t - V_t for n-step; the E-step keeps the top
+    k = floor(fraction * #valid) (at least 1) valid samples; psi =
+    softmax(A/eta) over them; ESS = 1 / sum(psi^2).
   * Distillation: alpha_pi KL(sg pi_L || pi_A) + alpha_V 1/2 (sg V_L - V_A)^2,
     masked means over the T loss steps; learner pull beta KL(sg pi_A || pi_L).
 """
@@ -224,26 +224,29 @@ def vtrace_targets(values, rewards, discounts, rho, mask, lambda_=1.0,
   return vs, np.where(mask > 0, pg_adv, 0.0)
 
 
-def nstep_returns(values, rewards, discounts, mask):
-  """One row: discounted rewards to the end of the unroll or the next masked
-  step, bootstrapped from the value there; 0 at a masked step."""
+def nstep_returns(values, rewards, discounts, mask, lambda_=1.0):
+  """One row: lambda-returns G_t = r_t + d_t ((1-lambda) V_{t+1} +
+  lambda G_{t+1}), G_T = V_T; the trace is cut in front of a masked step
+  (bootstrap from the LAST state's value) and a masked step's return is 0.
+  With lambda 1: discounted rewards to the end of the unroll or the next
+  masked step, bootstrapped from the value there."""
   returns = np.zeros(T)
-  for t in range(T):
+  g_next = values[T]
+  for t in reversed(range(T)):
     if not mask[t]:
+      returns[t], g_next = 0.0, 0.0
       continue
-    total, scale, s = 0.0, 1.0, t
-    while s < T and mask[s]:
-      total += scale * rewards[s]
-      scale *= discounts[s]
-      s += 1
-    returns[t] = total + scale * values[s]
+    next_valid = t == T - 1 or mask[t + 1]
+    lam = lambda_ if next_valid else 0.0
+    g = rewards[t] + discounts[t] * ((1 - lam) * values[t + 1] + lam * g_next)
+    returns[t], g_next = g, g
   return returns
 
 
 def top_k_selection(advantages, mask, fraction):
-  """k = floor(fraction * all samples) (masked ones counted), chosen among
-  the valid samples by advantage."""
-  k = max(1, int(math.floor(fraction * advantages.size + 1e-6)))
+  """k = floor(fraction * valid samples) (at least 1), chosen among the
+  valid samples by advantage."""
+  k = max(1, int(math.floor(fraction * mask.sum() + 1e-6)))
   order = sorted(np.flatnonzero(mask), key=lambda j: -advantages[j])
   selected = np.zeros(advantages.size)
   selected[order[:k]] = 1.0
@@ -277,6 +280,8 @@ def vmpo_terms(online_logits, target_logits, actions, advantages, mask, duals,
       "vmpo/kl_loss": alpha * trust_kl,
       "vmpo/alpha_loss": alpha * (cfg.epsilon_alpha - trust_kl),
       "vmpo/selected_fraction": len(chosen) / mask.sum(),
+      "vmpo/ess": 1.0 / float((psi ** 2).sum()),
+      "vmpo/ess_fraction": 1.0 / float((psi ** 2).sum()) / len(chosen),
   }
 
 
@@ -303,28 +308,38 @@ def expected_losses(learner, state, target_params, batch, view_fn=unroll_view):
     ent = entropy(loss_logits)
     per_step = pg_loss + v.baseline_cost * value_loss - v.entropy_cost * ent
     rl = masked_mean(per_step, mask)
-    out.update({"vtrace/pg_loss": masked_mean(pg_loss, mask),
-                "vtrace/value_loss": masked_mean(value_loss, mask),
+    out.update({"vtrace/policy_loss": masked_mean(pg_loss, mask),
+                "vtrace/value_loss": v.baseline_cost * masked_mean(
+                    value_loss, mask),
                 "vtrace/entropy": masked_mean(ent, mask),
-                "vtrace/vs": masked_mean(vs, mask),
-                "vtrace/rho": masked_mean(rho, mask)})
+                "vtrace/advantage_mean": masked_mean(pg_adv, mask),
+                "vtrace/vs_mean": masked_mean(vs, mask),
+                "vtrace/rho_mean": masked_mean(rho, mask)})
   else:
+    v = cfg.vtrace
     if cfg.vmpo.value_target == "vtrace":
-      targets = np.array([vtrace_targets(
-          values[i], view["rewards"][i], view["discounts"][i], rho[i],
-          mask[i])[0] for i in range(len(mask))])
+      rows = [vtrace_targets(values[i], view["rewards"][i],
+                             view["discounts"][i], rho[i], mask[i],
+                             v.lambda_, v.clip_rho_threshold)[0]
+              for i in range(len(mask))]
+      targets = np.array(rows)
+      vs_next = np.concatenate([targets[:, 1:], values[:, T:]], axis=1)
+      advantages = np.where(mask > 0, view["rewards"] + view["discounts"] *
+                            vs_next - values[:, :T], 0.0)
     else:
       targets = np.array([nstep_returns(
-          values[i], view["rewards"][i], view["discounts"][i], mask[i])
-                          for i in range(len(mask))])
-    advantages = targets - values[:, :T]
+          values[i], view["rewards"][i], view["discounts"][i], mask[i],
+          v.lambda_) for i in range(len(mask))])
+      advantages = targets - values[:, :T]
     target_logits, _ = learner_outputs(cfg, target_params, batch)
     terms = vmpo_terms(loss_logits, target_logits[:, :T], actions, advantages,
                        mask, state.learner_params["duals"], cfg.vmpo)
-    value_loss = cfg.vmpo.value_cost * masked_mean(0.5 * advantages ** 2, mask)
+    value_loss = cfg.vmpo.value_cost * masked_mean(
+        0.5 * (targets - values[:, :T]) ** 2, mask)
     out.update(terms)
     out["vmpo/value_loss"] = value_loss
     out["vmpo/advantage_mean"] = masked_mean(advantages, mask)
+    out["vmpo/rho_mean"] = masked_mean(rho, mask)
     rl = (terms["vmpo/policy_loss"] + terms["vmpo/temperature_loss"] +
           terms["vmpo/kl_loss"] + terms["vmpo/alpha_loss"] + value_loss)
   out["learner/rl_loss"] = rl
@@ -454,8 +469,8 @@ def test_oracle_catches_unroll_view_mutations(monkeypatch, mutation, rl_loss):
   learner, batch, state = build("ald", rl_loss)
   assert_matches_oracle(learner, state, batch)  # sanity: unmutated passes
   # When the learner's unroll view moves, point this at its replacement.
-  monkeypatch.setattr(learner_lib, "_unroll_view",
-                      mutation(learner_lib._unroll_view))
+  monkeypatch.setattr(learner_lib, "unroll_view",
+                      mutation(learner_lib.unroll_view))
   with pytest.raises(AssertionError):
     assert_matches_oracle(learner, state, batch)
 

@@ -87,3 +87,12 @@ def test_concurrent_publishers_and_readers_stay_consistent():
   # The slot's params are the last publish of some thread.
   _, params = slot.get()
   assert params["id"][1] == per_thread - 1
+
+
+def test_publish_under_a_given_version():
+  slot = params_lib.ParamsSlot()
+  assert slot.publish({"w": np.ones(2)}, version=5) == 5
+  assert slot.get_if_newer(4)[0] == 5
+  assert slot.publish({"w": np.ones(2)}) == 6
+  with pytest.raises(ValueError, match="not newer"):
+    slot.publish({"w": np.ones(2)}, version=6)

@@ -49,39 +49,6 @@ def test_unroll_batcher_carries_leftover_rows_in_order():
   assert batcher.pop_batch() is None and batcher.pending_rows == 0
 
 
-def test_replay_fifo_eviction_and_sample_shape():
-  buffer = replay.ReplayBuffer(capacity=5, seed=0)
-  buffer.add(_unroll([0, 1, 2]))
-  assert len(buffer) == 3
-  sample = buffer.sample(50)
-  assert set(_ids(sample)) == {0, 1, 2}  # only filled rows are drawn
-  buffer.add(_unroll([3, 4, 5, 6, 7]))
-  assert len(buffer) == 5 and buffer.rows_added == 8
-  sample = buffer.sample(200)
-  assert sample.observation.shape == (200, 5, 2)
-  assert sample.behaviour_logits.shape == (200, 5, 3)
-  assert set(_ids(sample)) == {3, 4, 5, 6, 7}  # the 5 newest rows
-  buffer.add(_unroll(list(range(10, 17))))  # more rows than capacity
-  assert set(_ids(buffer.sample(200))) == {12, 13, 14, 15, 16}
-
-
-def test_replay_sampling_is_seeded():
-  def draws(seed):
-    buffer = replay.ReplayBuffer(capacity=20, seed=seed)
-    buffer.add(_unroll(list(range(20))))
-    return [_ids(buffer.sample(8)) for _ in range(3)]
-  assert draws(1) == draws(1)
-  assert draws(1) != draws(2)
-
-
-def test_replay_rejects_empty_sample_and_bad_rows():
-  buffer = replay.ReplayBuffer(capacity=4)
-  with pytest.raises(ValueError, match="empty"):
-    buffer.sample(2)
-  with pytest.raises(ValueError, match="leading"):
-    buffer.add({"a": np.zeros((2, 3)), "b": np.zeros((3, 3))})
-
-
 @pytest.mark.parametrize("ratio,expected", [
     (0.0, [0, 0, 0, 0]),
     (0.5, [0, 1, 0, 1]),

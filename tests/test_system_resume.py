@@ -3,12 +3,12 @@
 Runs through the public entry point (`ald_jax.train(config, env_factory)`),
 to N env steps and then, with `resume=True`, to 2N. What segment 2 starts
 from is observed without hooks in the library: the learner's `step` is
-wrapped (via `ald_jax.learner.make_learner`) to copy the first state it is
-given, and `ReplayBuffer.sample` to copy the RNG state of the first draw; the
-environment factory appends every seed it is called with to a file (so it
+wrapped (via `ald_jax.learner.make_learner`) to copy the first state its
+`train_step` is given and the first state a distill-only step samples the
+replay with (`LearnerState.rng` drives replay sampling); the environment
+factory appends every seed it is called with to a file (so it
 works wherever the actors run).
 """
-import copy
 import os
 
 import jax
@@ -21,7 +21,6 @@ from ald_jax import config as config_lib
 from ald_jax import learner as learner_lib
 from ald_jax import metrics as metrics_lib
 from ald_jax.envs import imaze
-from ald_jax.system import replay as replay_lib
 from ald_jax.system import run
 
 SEED = 3
@@ -64,38 +63,28 @@ def host_copy(tree):
 
 
 @pytest.fixture
-def first_learner_state(monkeypatch):
-  """Records the state the learner's first `step` of a run is given."""
-  recorded = []
+def first_states(monkeypatch):
+  """Records the state given to the first combined step and to the first
+  distill-only step of a run (before the jitted calls donate them)."""
+  recorded = {}
   original = learner_lib.make_learner
 
   def make_learner(*args, **kwargs):
     learner = original(*args, **kwargs)
-    step = learner.step
+    train_step, distill = learner.train_step, learner.replay_distill_step
 
-    def recording_step(state, batch):
-      if not recorded:
-        recorded.append(host_copy(state))  # before `step` donates it
-      return step(state, batch)
+    def recording_train_step(state, *rest, **kwargs):
+      recorded.setdefault("train", host_copy(state))
+      return train_step(state, *rest, **kwargs)
 
-    return learner._replace(step=recording_step)
+    def recording_distill(state, replay):
+      recorded.setdefault("distill", host_copy(state))
+      return distill(state, replay)
+
+    return learner._replace(train_step=recording_train_step,
+                            replay_distill_step=recording_distill)
 
   monkeypatch.setattr(learner_lib, "make_learner", make_learner)
-  return recorded
-
-
-@pytest.fixture
-def first_replay_rng_state(monkeypatch):
-  """Records the replay RNG state at the first distill-only sample."""
-  recorded = []
-  original = replay_lib.ReplayBuffer.sample
-
-  def sample(self, batch_size):
-    if not recorded:
-      recorded.append(copy.deepcopy(self.rng.bit_generator.state))
-    return original(self, batch_size)
-
-  monkeypatch.setattr(replay_lib.ReplayBuffer, "sample", sample)
   return recorded
 
 
@@ -112,8 +101,7 @@ def read_lines(path):
     return [line for line in f if line.strip()]
 
 
-def test_resume_continues_from_the_checkpoint(tmp_path, first_learner_state,
-                                              first_replay_rng_state):
+def test_resume_continues_from_the_checkpoint(tmp_path, first_states):
   run_dir = tmp_path / "run"
   factory = SeedRecordingIMaze(tmp_path / "seeds.txt")
   first = ald_jax.train(tiny_config(run_dir, 600), env_factory=factory)
@@ -132,12 +120,13 @@ def test_resume_continues_from_the_checkpoint(tmp_path, first_learner_state,
   assert_trees_equal(checkpointed, first.state)
   assert metadata["env_steps"] == n
   assert metadata["learner_steps"] == first.final_row["learner_steps"]
-  # Segment 1 drew from the replay, so its RNG has moved on from the seed.
-  fresh = np.random.default_rng(SEED).bit_generator.state
-  assert metadata["replay_rng_state"] != fresh
+  # Segment 1 drew from the replay, so its sampling key has moved on from
+  # the seed's.
+  initial_rng = first_states["train"].rng
+  assert not np.array_equal(np.asarray(checkpointed.rng),
+                            np.asarray(initial_rng))
 
-  first_learner_state.clear()
-  first_replay_rng_state.clear()
+  first_states.clear()
   open(factory.path, "w").close()
   second = ald_jax.train(tiny_config(run_dir, 2 * n, resume=True),
                          env_factory=factory)
@@ -145,11 +134,13 @@ def test_resume_continues_from_the_checkpoint(tmp_path, first_learner_state,
 
   # Parameters, optimizer states, target network, counters: the first
   # learner step of segment 2 starts from the checkpoint.
-  assert first_learner_state, "segment 2 took no learner step"
-  assert_trees_equal(first_learner_state[0], checkpointed)
-  # The replay RNG continues from the checkpointed state.
-  assert first_replay_rng_state, "segment 2 took no distill-only step"
-  assert first_replay_rng_state[0] == metadata["replay_rng_state"]
+  assert "train" in first_states, "segment 2 took no learner step"
+  assert_trees_equal(first_states["train"], checkpointed)
+  # The replay sampling key continues from the checkpointed one (the first
+  # distill-only step follows the first combined step, which keeps rng).
+  assert "distill" in first_states, "segment 2 took no distill-only step"
+  np.testing.assert_array_equal(np.asarray(first_states["distill"].rng),
+                                np.asarray(checkpointed.rng))
 
   # Counters grow from the restored ones.
   assert second.final_row["env_steps"] >= 2 * n

@@ -76,3 +76,67 @@ def test_cli_exits_nonzero_before_any_work(tmp_path):
 def test_package_is_callable_as_train():
   assert callable(ald_jax.train)
   assert ald_jax.train.config_from_flags is train.config_from_flags
+
+
+def test_new_system_flags_reach_the_config():
+  config = parse("--actors=processes", "--ray_address=10.0.0.1:6379",
+                 "--actor_stall_s=30", "--max_actor_restarts=5",
+                 "--nonfinite_obs=mask")
+  assert config.actors == "processes"
+  assert config.ray_address == "10.0.0.1:6379"
+  assert config.actor_stall_s == 30.0 and config.max_actor_restarts == 5
+  assert config.nonfinite_obs == "mask"
+  with pytest.raises(app.UsageError, match="--ray_address"):
+    parse("--ray_address=10.0.0.1:6379")  # needs --actors=processes
+  with pytest.raises(app.UsageError, match="--actor_stall_s"):
+    parse("--actor_stall_s=-1")
+  with pytest.raises(app.UsageError, match="--batch_size"):
+    parse("--num_actors=1", "--envs_per_actor=4", "--batch_size=8")
+
+
+def test_exit_status():
+  assert train.exit_status("budget") == 0
+  assert train.exit_status("wall_time") == 0
+  assert train.exit_status("signal:SIGTERM") == 143
+  assert train.exit_status("signal:SIGINT") == 130
+
+
+_CONFIG_FROM_FLAGS = train.config_from_flags
+
+
+def _main_with(monkeypatch, tmp_path, outcome):
+  """Runs the CLI's main with run.train replaced by `outcome(config)`."""
+  from ald_jax.system import run  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(run, "train", outcome)
+  flag_values = flags.FlagValues()
+  train.define_flags(flag_values)
+  flag_values(["prog", f"--logdir={tmp_path}"])
+  config = _CONFIG_FROM_FLAGS(flag_values)
+  monkeypatch.setattr(train, "config_from_flags", lambda: config)
+  return train.main(["prog"])
+
+
+def test_main_exit_codes_and_plot(monkeypatch, tmp_path, capsys):
+  from ald_jax import metrics  # pylint: disable=import-outside-toplevel
+  from ald_jax.system import errors  # pylint: disable=import-outside-toplevel
+  from ald_jax.system import run  # pylint: disable=import-outside-toplevel
+  with metrics.MetricsWriter(tmp_path) as writer:
+    for step in (100, 200):
+      writer.write({"env_steps": step, "wall_time_s": step / 10,
+                    "episode_return": 0.5, "success_rate": 0.5})
+
+  def stopped_by(reason):
+    return lambda config: run.RunResult(str(tmp_path), {}, None, reason)
+
+  assert _main_with(monkeypatch, tmp_path, stopped_by("budget")) == 0
+  # The CLI draws the end-of-run plot (the system layer does not).
+  assert (tmp_path / "curves.png").exists()
+  assert _main_with(monkeypatch, tmp_path,
+                    stopped_by("signal:SIGTERM")) == 143
+
+  def known_error(config):
+    raise errors.ActorStalledError("actor 1 stalled: no environment step")
+  capsys.readouterr()
+  assert _main_with(monkeypatch, tmp_path, known_error) == 1
+  err = capsys.readouterr().err
+  assert "run failed: actor 1 stalled" in err and "Traceback" not in err

@@ -1,1 +1,2 @@
-"""The one-host system: pinned actor threads, queue, parameter slot, learner loop."""
+"""The running system: an actor pool (threads or Ray processes), the learner
+driver (one call per batch) and the learner loop, wired by `run.train`."""

@@ -34,7 +34,6 @@ thread pool; a small LSTM step does not.
 from __future__ import annotations
 
 import collections
-import os
 import threading
 import time
 import queue as queue_lib
@@ -46,6 +45,9 @@ import jax
 import numpy as np
 
 from ald_jax import types
+from ald_jax.envs import specs as specs_lib
+from ald_jax.system import affinity
+from ald_jax.system import errors as errors_lib
 from ald_jax.system import params as params_lib
 from ald_jax.system import queue as queue_utils
 from ald_jax.system import timing
@@ -75,97 +77,12 @@ class ActorStats(NamedTuple):
   max_version_lag: int
   mean_version_lag: float
   affinity: frozenset[int] | None
+  nonfinite_obs_steps: int  # env steps whose non-finite observation was masked
 
   @property
   def actor_sps(self) -> float:
     """Env steps per second of acting time (waits excluded)."""
     return self.env_steps / self.active_s if self.active_s > 0 else 0.0
-
-
-class CoreAssignment(NamedTuple):
-  actors: list[frozenset[int] | None]  # per actor; None: do not pin
-  learner: frozenset[int] | None       # cores left for the learner thread
-  shared: bool                         # some actors share a core
-
-
-def available_cores() -> list[int] | None:
-  """Cores this process may run on, or None where affinity is unsupported."""
-  if not hasattr(os, "sched_getaffinity"):
-    return None
-  return sorted(os.sched_getaffinity(0))
-
-
-def assign_cores(num_actors: int, reserve_for_learner: int = 1,
-                 cores: Sequence[int] | None = None) -> CoreAssignment:
-  """Spreads actors over the process's cores, keeping some for the learner.
-
-  The first `reserve_for_learner` cores go to the learner (never all of them:
-  at least one core is left for actors). The remaining cores are split into
-  `num_actors` contiguous groups when there are enough; otherwise actor i gets
-  core `pool[i % len(pool)]` and actors share cores (`shared=True`). On a
-  2-core box with 2 actors and 1 reserved core both actors share core 1 and
-  the learner has core 0; with `reserve_for_learner=0` each actor gets its own
-  core and the learner (unpinned) competes with both.
-  """
-  if num_actors <= 0:
-    raise ValueError(f"num_actors must be > 0, got {num_actors}")
-  if reserve_for_learner < 0:
-    raise ValueError(f"reserve_for_learner must be >= 0, got "
-                     f"{reserve_for_learner}")
-  cores = available_cores() if cores is None else sorted(cores)
-  if cores is None:
-    return CoreAssignment([None] * num_actors, None, False)
-  if not cores:
-    raise ValueError("no cores to assign")
-  reserve = min(reserve_for_learner, len(cores) - 1)
-  learner = frozenset(cores[:reserve]) if reserve else frozenset(cores)
-  pool = cores[reserve:]
-  if len(pool) >= num_actors:
-    groups = np.array_split(np.asarray(pool), num_actors)
-    actors = [frozenset(int(c) for c in group) for group in groups]
-    return CoreAssignment(actors, learner, False)
-  actors = [frozenset({pool[i % len(pool)]}) for i in range(num_actors)]
-  return CoreAssignment(actors, learner, True)
-
-
-def pin_current_thread(cores: Collection[int] | None) -> frozenset[int] | None:
-  """Pins the calling thread (Linux) and returns the affinity it now has.
-
-  Returns None when `cores` is None or the platform has no affinity API (a
-  note is logged). Threads started afterwards inherit the affinity.
-  """
-  if cores is None:
-    return None
-  if not hasattr(os, "sched_setaffinity"):
-    logging.info("os.sched_setaffinity is unavailable on this platform; "
-                 "thread %s is not pinned.", threading.current_thread().name)
-    return None
-  os.sched_setaffinity(0, set(cores))  # pid 0: the calling thread
-  return frozenset(os.sched_getaffinity(0))
-
-
-def pin_process_threads(cores: Collection[int] | None) -> int:
-  """Pins every thread of this process that exists now (Linux) to `cores`.
-
-  Called before the actors start, this confines the learner: the main thread
-  and XLA's CPU worker pool, whose threads otherwise preempt the actors on
-  their cores. Actor threads pin themselves to their own cores afterwards.
-  Returns the number of threads pinned (0 where unsupported).
-  """
-  if cores is None or not hasattr(os, "sched_setaffinity"):
-    return 0
-  try:
-    thread_ids = [int(t) for t in os.listdir("/proc/self/task")]
-  except OSError:
-    return 0
-  pinned = 0
-  for tid in thread_ids:
-    try:
-      os.sched_setaffinity(tid, set(cores))
-      pinned += 1
-    except OSError:  # the thread exited meanwhile
-      pass
-  return pinned
 
 
 def make_act_fn(core_step: Callable[..., Any]) -> Callable[..., Any]:
@@ -251,6 +168,13 @@ class ActorThread(threading.Thread):
     t_actor_budget_ms: budget for the overrun count (None: no budget).
     stream_offset: stream id of this actor's env 0 (None: actor_id * E).
     params_timeout_s: how long to wait for the first parameters.
+    env_info: the probed EnvInfo; the actor's environments must match it.
+    nonfinite_obs: "error" stops with an error naming the env and step on a
+      NaN/inf observation; "mask" zeroes the non-finite values and counts.
+
+  `last_progress` (time.monotonic) moves on every env step and while the
+  actor waits on a full queue or for parameters: a stall watchdog compares
+  it with the clock.
   """
 
   def __init__(self, actor_id: int, make_env: Callable[[], Any], core: Any,
@@ -263,12 +187,17 @@ class ActorThread(threading.Thread):
                stream_offset: int | None = None,
                params_timeout_s: float = 600.0, poll_s: float = 0.1,
                latency_capacity: int = 1 << 16,
-               max_pending_episodes: int = 100_000):
+               max_pending_episodes: int = 100_000,
+               env_info: specs_lib.EnvInfo | None = None,
+               nonfinite_obs: str = "error"):
     super().__init__(name=f"actor-{actor_id}", daemon=True)
     if unroll_length <= 0:
       raise ValueError(f"unroll_length must be > 0, got {unroll_length}")
     if context_length < 0:
       raise ValueError(f"context_length must be >= 0, got {context_length}")
+    if nonfinite_obs not in ("error", "mask"):
+      raise ValueError(f"nonfinite_obs must be 'error' or 'mask', got "
+                       f"{nonfinite_obs!r}")
     self.actor_id = actor_id
     self._make_env = make_env
     self._core = core
@@ -283,6 +212,10 @@ class ActorThread(threading.Thread):
     self.cores = None if cores is None else frozenset(cores)
     self._params_timeout_s = params_timeout_s
     self._poll_s = poll_s
+    self._env_info = env_info
+    self._nonfinite_obs = nonfinite_obs
+    self._nonfinite_obs_steps = 0
+    self.last_progress = time.monotonic()
     self.latency = timing.LatencyRecorder(t_actor_budget_ms, latency_capacity)
     # Finished episodes, drained by the reporting thread (deque ops are
     # thread-safe; the bound caps memory if nobody drains).
@@ -325,7 +258,7 @@ class ActorThread(threading.Thread):
         params_version=self._unroll_version, version_lag=self._lag_last,
         max_version_lag=self._lag_max,
         mean_version_lag=self._lag_sum / unrolls if unrolls else 0.0,
-        affinity=self.affinity)
+        affinity=self.affinity, nonfinite_obs_steps=self._nonfinite_obs_steps)
 
   def drain_episodes(self) -> list[Episode]:
     out = []
@@ -340,7 +273,7 @@ class ActorThread(threading.Thread):
   def run(self) -> None:
     try:
       # First: pin, so everything below (env, compilation) runs on our cores.
-      self.affinity = pin_current_thread(self.cores)
+      self.affinity = affinity.pin_current_thread(self.cores)
       with jax.default_device(_cpu_device()):
         self._act_loop()
     except BaseException as error:  # pylint: disable=broad-except
@@ -367,8 +300,14 @@ class ActorThread(threading.Thread):
     self._lag_max = max(self._lag_max, lag)
     self._lag_sum += lag
     start = time.perf_counter()
-    pushed = queue_utils.put_until_stopped(self._queue, unroll,
-                                           self._stop_event, self._poll_s)
+    pushed = False
+    while not self._stop_event.is_set():
+      try:
+        self._queue.put(unroll, timeout=self._poll_s)
+        pushed = True
+        break
+      except queue_lib.Full:
+        self.last_progress = time.monotonic()  # waiting on the learner
     self._wait_queue_s += time.perf_counter() - start
     if pushed:
       self._unrolls += 1
@@ -381,10 +320,46 @@ class ActorThread(threading.Thread):
                                     int(timestep.episode_length[i])))
       self._episodes_seen += 1
 
+  def _check_env(self, env: Any) -> None:
+    """The actor's environments must match the probed specs."""
+    if self._env_info is None:
+      return
+    got = specs_lib.EnvInfo(tuple(env.obs_shape), int(env.num_actions))
+    if got != self._env_info:
+      raise specs_lib.UnsupportedEnvironmentError(
+          f"actor {self.actor_id}: its environments have observation shape "
+          f"{got.obs_shape} and {got.num_actions} actions, but the probed "
+          f"environment had {self._env_info.obs_shape} and "
+          f"{self._env_info.num_actions}; every environment the factory "
+          "builds must have the same specs")
+
+  def _check_observation(self, timestep: Any, stream_id: np.ndarray,
+                         step: int) -> Any:
+    """Stops (or masks and counts) on a NaN/inf observation.
+
+    `step`: n after the n-th `env.step` call, 0 after the reset.
+    """
+    observation = np.asarray(timestep.observation)
+    finite = np.isfinite(observation)
+    if finite.all():
+      return timestep
+    bad_envs = np.flatnonzero(~finite.reshape(len(observation), -1).all(-1))
+    if self._nonfinite_obs == "error":
+      env_index = int(bad_envs[0])
+      raise errors_lib.NonFiniteObservationError(
+          f"actor {self.actor_id}: environment {env_index} (stream "
+          f"{int(stream_id[env_index])}) returned a non-finite observation at "
+          f"its step {step} (nonfinite_obs="
+          "error; --nonfinite_obs=mask zeroes and counts them instead)")
+    self._nonfinite_obs_steps += int(bad_envs.size)
+    return timestep._replace(
+        observation=np.where(finite, observation, 0).astype(observation.dtype))
+
   def _act_loop(self) -> None:
     cpu = _cpu_device()
     env = self._make_env()
     try:
+      self._check_env(env)
       self._act_with(env, cpu)
     finally:
       try:
@@ -397,6 +372,7 @@ class ActorThread(threading.Thread):
     wait_start = time.perf_counter()
     first = self._slot.wait_for_first(self._params_timeout_s,
                                       self._stop_event, self._poll_s)
+    self.last_progress = time.monotonic()
     if first is None:
       return  # stopped before any parameters arrived
     self._params_version, params = first
@@ -408,12 +384,12 @@ class ActorThread(threading.Thread):
     num_envs = env.num_envs
     state = jax.device_put(core.initial_state(num_envs), cpu)
     key = jax.device_put(jax.random.key(self._seed), cpu)
-    timestep = env.reset()
-    window = None
-    unroll_version = 0
     stream_id = (np.arange(num_envs, dtype=np.int32) +
                  (self.actor_id * num_envs if self._stream_offset is None
                   else self._stream_offset))
+    timestep = self._check_observation(env.reset(), stream_id, 0)
+    window = None
+    unroll_version = 0
     unroll_index = 0
     # States before each of the last C+T+1 steps (device arrays, no copies):
     # the oldest is the state before the next row's first step. Positions
@@ -467,8 +443,10 @@ class ActorThread(threading.Thread):
       else:
         j += 1
 
-      timestep = env.step(action)
+      timestep = self._check_observation(
+          env.step(action), stream_id, self._env_steps // num_envs + 1)
       self._env_steps += num_envs
+      self.last_progress = time.monotonic()
       self._record_episodes(timestep)
 
 
@@ -487,7 +465,7 @@ def calibrate_core(core: Any, params: Params, obs_shape: Sequence[int],
 
   def calibrate():
     try:
-      pin_current_thread(cores)
+      affinity.pin_current_thread(cores)
       cpu = _cpu_device()
       with jax.default_device(cpu):
         act = make_act_fn(core.step)
@@ -529,6 +507,7 @@ def summarize_actors(actors: Sequence[ActorThread],
       "actor_wait_queue_s": sum(s.wait_queue_s for s in stats),
       "actor_wait_params_s": sum(s.wait_params_s for s in stats),
       "actor_active_s": sum(s.active_s for s in stats),
+      "nonfinite_obs_masked": sum(s.nonfinite_obs_steps for s in stats),
   }
   row.update(timing.merge_latency(a.latency for a in actors).as_dict())
   if per_actor:

@@ -1,23 +1,30 @@
-"""The learner side of a run: one call per batch, everything on the device.
+"""The learner side of a run: everything done with one batch of unrolls.
 
-`LearnerDriver.train(batch)` does all the learner work the loop needs for one
-batch of rows: one host-to-device transfer, the combined step (warm with the
-streams' segment memory, or cold re-reading the context), the replay write,
-the distill-only steps due, and non-finite accounting. The segment memory and
-the replay live on the learner's device; the host keeps only
-`StreamMemoryBook`, the record of which unroll each stream's memory holds.
+`LearnerDriver.train(batch)` is the one call the learner loop makes per
+batch: one host-to-device transfer, the combined step (warm with the streams'
+segment memory, or cold re-reading the context), the replay write, the
+distill-only steps due, and non-finite accounting. The segment memory and the
+replay live on the learner's device; the host keeps only `StreamMemoryBook`,
+the record of which unroll each stream's memory holds. The loop knows nothing
+else about the learner: it publishes `actor_params()`, checkpoints
+`host_state()` with `checkpoint_metadata()`, and reports `counters()` and
+`metrics()`.
 """
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ald_jax import config as config_lib
-from ald_jax import learner as learner_lib
 from ald_jax import types
+from ald_jax.system import errors
 from ald_jax.system import replay as replay_lib
+
+Params = Any
 
 
 class StreamMemoryBook:
@@ -61,94 +68,144 @@ class StreamMemoryBook:
     self._last[self._check(stream_id)] = -2
 
 
-class TrainOutcome(NamedTuple):
-  nonfinite: bool          # the combined update was skipped (NaN/inf)
-  warm: bool               # the combined step read the segment memory
-  distill_steps: int       # distill-only updates applied
-  distill_nonfinite: int   # distill-only updates skipped (NaN/inf)
+class TrainResult(NamedTuple):
+  """What one `LearnerDriver.train` call did."""
+  applied: bool          # the combined update was finite and applied
+  distill_steps: int     # distill-only steps applied
+  distill_skipped: int   # distill-only steps skipped as non-finite
+  warm: bool = False     # the combined step read the segment memory
+
+
+class DriverCounters(NamedTuple):
+  learner_steps: int        # combined updates applied
+  distill_steps: int        # distill-only updates applied
+  nonfinite_total: int      # combined updates skipped (NaN/inf)
+  distill_nonfinite_total: int  # distill-only updates skipped (NaN/inf)
+  warm_steps: int = 0       # combined steps that read the segment memory
+  cold_steps: int = 0       # combined steps that re-read the context
 
 
 class LearnerDriver:
-  """Owns the learner's device state, segment memory and replay.
+  """Runs the learner on batches; owns the learner state, the streams'
+  segment memory and the device replay.
 
   Args:
-    learner: from `learner.make_learner`.
-    config: the run's TrainConfig (distill ratio, replay capacity, streams).
-    state: the initial (or restored) LearnerState.
-    device: the learner's device (default: jax.devices()[0]).
+    learner: a `learner.Learner`.
+    config: the run's TrainConfig (streams, distill ratio, replay size,
+      max_consecutive_nonfinite).
+    device: the learner's device.
+    state: the initial LearnerState (host or device arrays). Its `rng`
+      drives replay sampling, so a restored state continues the sampling.
+    counters: counters restored from a checkpoint (DriverCounters fields).
+    replay_rng_state: ignored (older checkpoints); kept for compatibility.
+
+  Raises (from `train`): errors.NonFiniteLossError after
+  `max_consecutive_nonfinite` skipped combined updates in a row.
   """
 
-  def __init__(self, learner: learner_lib.Learner,
-               config: config_lib.TrainConfig, state: learner_lib.LearnerState,
-               device: jax.Device | None = None):
-    self.learner = learner
-    self.device = device or jax.devices()[0]
+  def __init__(self, learner: Any, config: config_lib.TrainConfig,
+               device: jax.Device, state: Any, *,
+               counters: dict[str, int] | None = None,
+               replay_rng_state: dict | None = None):
+    del replay_rng_state
+    self._learner = learner
+    self._config = config
+    self._device = device
+    self._state = jax.device_put(state, device)
+    restored = counters or {}
+    self._counts = {name: int(restored.get(name, 0))
+                    for name in DriverCounters._fields}
+    self._consecutive_nonfinite = 0
+    self._last_metrics: dict[str, Any] = {}
+    self._last_distill_metrics: dict[str, Any] = {}
     self.num_streams = config.num_actors * config.envs_per_actor
     self.cached = (learner.uses_memory and
                    learner.config.learner_memory == "cached")
-    self.state = jax.device_put(state, self.device)
     self.book = StreamMemoryBook(self.num_streams)
-    self._memory = jax.device_put(learner.init_memory(self.num_streams),
-                                  self.device) if self.cached else ()
-    ratio = config.distill_steps_per_rl_step if learner.spec.distills else 0
-    self.schedule = replay_lib.DistillSchedule(ratio)
+    self._memory = (jax.device_put(learner.init_memory(self.num_streams),
+                                   device) if self.cached else ())
+    ratio = (config.distill_steps_per_rl_step if learner.spec.distills
+             else 0.0)
+    self._schedule = replay_lib.DistillSchedule(ratio)
     self._replay = (jax.device_put(learner.init_replay(config.replay_capacity),
-                                   self.device) if ratio > 0 else None)
-    self.last_metrics: dict[str, Any] = {}
-    self.last_distill_metrics: dict[str, Any] = {}
-    self.warm_steps = 0
-    self.cold_steps = 0
+                                   device) if ratio > 0 else None)
+    # One jitted call copies the actor parameters out of the (donated)
+    # learner state: fresh buffers the actors may keep.
     self._copy_actor_params = jax.jit(lambda s: jax.tree_util.tree_map(
-        lambda x: x.copy(), learner.actor_params(s)))
+        jnp.copy, learner.actor_params(s)))
 
-  def train(self, batch: types.Batch) -> TrainOutcome:
-    """One combined step on `batch` (host arrays, rows with stream ids when
-    the memory is cached) and the distill-only steps now due."""
+  def train(self, batch: types.Batch) -> TrainResult:
+    """One combined step on `batch` (host arrays; rows with stream ids when
+    the memory is cached) plus the distill-only steps due."""
+    cfg = self._config
     warm = False
     if self.cached:
       if batch.stream_id is None or batch.unroll_index is None:
         raise ValueError("learner_memory='cached' needs rows with stream_id "
                          "and unroll_index (the system's actors set them)")
       warm = self.book.is_warm(batch.stream_id, batch.unroll_index)
-    placed = jax.device_put(batch, self.device)   # one transfer per batch
+    placed = jax.device_put(batch, self._device)   # one transfer per batch
     if not self.cached:
       placed = placed.replace(stream_id=None, unroll_index=None)
-    self.state, self._memory, self._replay, metrics = self.learner.train_step(
-        self.state, self._memory, self._replay, placed, warm=warm)
+    self._state, self._memory, self._replay, metrics = (
+        self._learner.train_step(self._state, self._memory, self._replay,
+                                 placed, warm=warm))
+    self._counts["warm_steps" if warm else "cold_steps"] += 1
     # One scalar per step; the rest is fetched at report time.
-    nonfinite = float(metrics["nonfinite"]) > 0
-    if not nonfinite:
-      self.last_metrics = metrics
+    applied = float(metrics["nonfinite"]) == 0
+    if applied:
+      self._consecutive_nonfinite = 0
+      self._counts["learner_steps"] += 1
+      self._last_metrics = metrics
       if self.cached:
         self.book.record(batch.stream_id, batch.unroll_index)
-    if warm:
-      self.warm_steps += 1
     else:
-      self.cold_steps += 1
-    done = skipped = 0
-    for _ in range(self.schedule.steps_due()):
-      self.state, distill_metrics = self.learner.replay_distill_step(
-          self.state, self._replay)
-      if float(distill_metrics["nonfinite"]) > 0:
-        skipped += 1
+      self._consecutive_nonfinite += 1
+      self._counts["nonfinite_total"] += 1
+      logging.warning("non-finite loss or gradient: update skipped "
+                      "(%d in a row)", self._consecutive_nonfinite)
+      if self._consecutive_nonfinite >= cfg.max_consecutive_nonfinite:
+        raise errors.NonFiniteLossError(
+            f"{self._consecutive_nonfinite} learner updates in a row had a "
+            "non-finite loss or gradient (max_consecutive_nonfinite="
+            f"{cfg.max_consecutive_nonfinite}); last metrics: "
+            f"{ {k: float(v) for k, v in metrics.items()} }")
+    distilled = skipped = 0
+    for _ in range(self._schedule.steps_due()):
+      self._state, distill_metrics = self._learner.replay_distill_step(
+          self._state, self._replay)
+      if float(distill_metrics["nonfinite"]) == 0:
+        distilled += 1
+        self._last_distill_metrics = distill_metrics
       else:
-        done += 1
-        self.last_distill_metrics = distill_metrics
-    return TrainOutcome(nonfinite, warm, done, skipped)
+        skipped += 1
+    self._counts["distill_steps"] += distilled
+    self._counts["distill_nonfinite_total"] += skipped
+    if skipped:
+      logging.warning("%d distill-only update(s) skipped: non-finite loss "
+                      "or gradient", skipped)
+    return TrainResult(applied, distilled, skipped, warm)
 
-  def actor_params(self):
-    """Fresh device buffers of the acting parameters (safe to hand to actors
-    while later steps donate the state)."""
-    return self._copy_actor_params(self.state)
+  def actor_params(self) -> Params:
+    """A fresh device copy of the actor parameters, safe to publish."""
+    return self._copy_actor_params(self._state)
 
-  def host_state(self):
-    return jax.device_get(self.state)
+  def counters(self) -> DriverCounters:
+    return DriverCounters(**self._counts)
 
   def metrics(self) -> dict[str, float]:
-    """The latest step's metrics as floats (one host transfer)."""
-    out = {k: float(v) for k, v in jax.device_get(self.last_metrics).items()}
-    for k, v in jax.device_get(self.last_distill_metrics).items():
+    """The last applied steps' metrics, as floats (one transfer)."""
+    out = {k: float(v) for k, v in jax.device_get(self._last_metrics).items()}
+    for k, v in jax.device_get(self._last_distill_metrics).items():
       out[f"distill_only/{k}"] = float(v)
-    out["learner_warm_steps"] = float(self.warm_steps)
-    out["learner_cold_steps"] = float(self.cold_steps)
+    out["learner_warm_steps"] = float(self._counts["warm_steps"])
+    out["learner_cold_steps"] = float(self._counts["cold_steps"])
     return out
+
+  def host_state(self) -> Any:
+    """The learner state as host arrays (for checkpoints and results)."""
+    return jax.device_get(self._state)
+
+  def checkpoint_metadata(self) -> dict[str, Any]:
+    """What a checkpoint needs beyond the state to continue this driver."""
+    return dict(self._counts)

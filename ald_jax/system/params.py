@@ -41,16 +41,22 @@ class ParamsSlot:
     with self._cond:
       return self._version
 
-  def publish(self, params: Params, copy_to_host: bool = True) -> int:
+  def publish(self, params: Params, copy_to_host: bool = True,
+              version: int | None = None) -> int:
     """Replaces the slot's params; returns the new version.
 
     With `copy_to_host` (default) the tree is copied to numpy first (see
     `host_copy`), so the publisher may keep mutating or donating its arrays.
+    `version` publishes under a given (newer) number instead of the next one:
+    an actor process mirrors the learner's versions so lags stay exact.
     """
     if copy_to_host:
       params = host_copy(params)
     with self._cond:
-      self._version += 1
+      if version is not None and version <= self._version:
+        raise ValueError(f"version {version} is not newer than "
+                         f"{self._version}")
+      self._version = self._version + 1 if version is None else version
       self._params = params
       self._cond.notify_all()
       return self._version

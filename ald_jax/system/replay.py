@@ -3,8 +3,9 @@
 An *unroll* is a `Batch` (or any pytree of arrays) whose every leaf has the
 same leading dimension: one row per environment stream. Actors emit unrolls
 with E rows; the learner wants batches of exactly B rows, so `UnrollBatcher`
-re-cuts rows into B-sized batches and `ReplayBuffer` keeps recent rows for the
-distill-only steps. Everything here is numpy on the host.
+re-cuts rows into B-sized batches (`StreamBatcher`: each stream at most once)
+and `DistillSchedule` paces the distill-only steps. The replay itself lives on
+the learner's device (`learner.Replay`). Everything here is numpy on the host.
 """
 from __future__ import annotations
 
@@ -80,61 +81,78 @@ class UnrollBatcher:
     return batch
 
 
-class ReplayBuffer:
-  """Bounded FIFO of the most recent rows, with seeded uniform sampling.
+class StreamBatcher:
+  """Cuts unrolls into batches of `batch_size` rows, each stream at most once.
 
-  Storage is preallocated on the first `add` (the row structure is fixed from
-  then on) as a ring of `capacity` rows; adding past capacity overwrites the
-  oldest rows.
+  Rows carry `stream_id`; a batch takes, in arrival order, the oldest pending
+  row of each stream, so a stream's consecutive unrolls land in consecutive
+  batches in order (a row whose stream is already in the batch waits for the
+  next one). Needs at least `batch_size` distinct streams.
+
+  If pending rows reach `max_pending_rows` (one actor far ahead of the
+  others), the batch is filled with the oldest remaining rows instead, still
+  in per-stream order; `repeated_rows` counts those rows.
   """
 
-  def __init__(self, capacity: int, seed: int = 0):
-    if capacity <= 0:
-      raise ValueError(f"replay capacity must be > 0 rows, got {capacity}")
-    self.capacity = capacity
-    self._rng = np.random.default_rng(seed)
-    self._storage: Tree | None = None
-    self._next = 0     # ring position of the next write
-    self._size = 0
-    self.rows_added = 0
-
-  def __len__(self) -> int:
-    return self._size
+  def __init__(self, batch_size: int, max_pending_rows: int | None = None):
+    if batch_size <= 0:
+      raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    self.batch_size = batch_size
+    self.max_pending_rows = (8 * batch_size if max_pending_rows is None
+                             else max_pending_rows)
+    if self.max_pending_rows < batch_size:
+      raise ValueError(f"max_pending_rows must be >= batch_size "
+                       f"({batch_size}), got {self.max_pending_rows}")
+    self._pending: list[Tree] = []
+    self._rows = 0
+    self.repeated_rows = 0
 
   @property
-  def rng(self) -> np.random.Generator:
-    """The sampling generator (its bit_generator.state is checkpointed)."""
-    return self._rng
+  def pending_rows(self) -> int:
+    return self._rows
 
   def add(self, unroll: Tree) -> None:
-    """Adds every row of `unroll` (leaves [n, ...])."""
-    n = _leading_dim(unroll)
-    if self._storage is None:
-      self._storage = jax.tree.map(
-          lambda x: np.zeros((self.capacity, *np.shape(x)[1:]),
-                             np.asarray(x).dtype), unroll)
-    elif (jax.tree.structure(unroll) != jax.tree.structure(self._storage)):
-      raise ValueError("unroll structure differs from the replay's rows")
-    if n > self.capacity:  # only the newest `capacity` rows survive anyway
-      unroll = slice_rows(unroll, n - self.capacity, n)
-      n = self.capacity
-    positions = (self._next + np.arange(n)) % self.capacity
+    if getattr(unroll, "stream_id", None) is None:
+      raise ValueError("StreamBatcher needs unrolls with a stream_id")
+    self._rows += _leading_dim(unroll)
+    self._pending.append(unroll)
 
-    def write(store, x):
-      store[positions] = x
-    jax.tree.map(write, self._storage, unroll)
-    self._next = int((self._next + n) % self.capacity)
-    self._size = min(self._size + n, self.capacity)
-    self.rows_added += n
+  def _rows_to_take(self, stream_id: np.ndarray) -> np.ndarray | None:
+    _, first = np.unique(stream_id, return_index=True)
+    first = np.sort(first)  # the oldest pending row of each stream
+    if first.size >= self.batch_size:
+      return first[:self.batch_size]
+    if self._rows < self.max_pending_rows:
+      return None  # wait for rows of other streams
+    others = np.setdiff1d(np.arange(stream_id.size), first)  # sorted
+    fill = others[:self.batch_size - first.size]
+    self.repeated_rows += fill.size
+    return np.sort(np.concatenate([first, fill]))
 
-  def sample(self, batch_size: int) -> Tree:
-    """`batch_size` rows drawn uniformly with replacement (seeded)."""
-    if self._size == 0:
-      raise ValueError("cannot sample from an empty replay buffer")
-    indices = self._rng.integers(0, self._size, size=batch_size)
-    # Ring positions [0, size) are all valid: until the ring is full, writes
-    # fill positions 0..size-1 in order.
-    return jax.tree.map(lambda x: x[indices], self._storage)
+  def pop_batch(self) -> Tree | None:
+    """A batch of distinct streams, or None while too few are pending."""
+    if self._rows < self.batch_size:
+      return None
+    merged = (self._pending[0] if len(self._pending) == 1
+              else stack_unrolls(self._pending))
+    take = self._rows_to_take(np.asarray(merged.stream_id))
+    if take is None:
+      self._pending = [merged]
+      return None
+    keep = np.ones(self._rows, bool)
+    keep[take] = False
+    batch = jax.tree.map(lambda x: x[take], merged)
+    rest = self._rows - take.size
+    self._pending = [jax.tree.map(lambda x: x[keep], merged)] if rest else []
+    self._rows = rest
+    return batch
+
+
+def make_batcher(batch_size: int, example: Tree):
+  """A StreamBatcher when rows carry `stream_id`, else an UnrollBatcher."""
+  if getattr(example, "stream_id", None) is not None:
+    return StreamBatcher(batch_size)
+  return UnrollBatcher(batch_size)
 
 
 class DistillSchedule:

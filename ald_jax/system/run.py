@@ -1,12 +1,17 @@
-"""Wires actors, queue, parameter slot and the learner loop into one run.
+"""Wires actors, the learner driver and the learner loop into one run.
 
-    actor threads (CPU, pinned) --unrolls--> bounded queue --> learner loop
-          ^                                                   (default device)
-          +----------- versioned latest-only params slot <-------+
+    actor pool (threads or Ray processes) --unrolls--> learner loop
+          ^                                               | batches
+          |                                         learner driver
+          +------ versioned actor parameters <-----------+ (default device)
 
-The learner loop runs on the calling thread: it batches unrolls, runs the
-jitted combined step, takes `distill_steps_per_rl_step` distill-only steps on
-replayed unrolls, publishes actor parameters, reports, and checkpoints.
+`train` validates everything that can fail on bad input before any actor
+starts, builds the pieces (`pool.ActorPool`, `learner_driver.LearnerDriver`,
+`loop.LearnerLoop`), runs the loop and then stops in a fixed order: the final
+checkpoint first (the learner state does not depend on the actors), then one
+shared deadline (STOP_DEADLINE_S) for every actor, then the final metrics
+row. Each step of that sequence runs even if an earlier one failed, and the
+first error is the one reported.
 
 Process-wide setting: JAX's CPU async dispatch is turned off, so a jitted call
 runs on the thread that makes it and an actor thread's pinning pins its work
@@ -20,42 +25,40 @@ from __future__ import annotations
 import functools
 import json
 import os
-import queue as queue_lib
 import signal
+import sys
 import threading
-import time
+import traceback
 from typing import Any, Callable, NamedTuple
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ald_jax import checkpoint as checkpoint_lib
 from ald_jax import config as config_lib
 from ald_jax import learner as learner_lib
 from ald_jax import metrics as metrics_lib
-from ald_jax import plot as plot_lib
 from ald_jax.envs import batched as batched_lib
 from ald_jax.envs import registry
 from ald_jax.envs import specs
 from ald_jax.system import actor as actor_lib
-from ald_jax.system import params as params_lib
-from ald_jax.system import queue as queue_utils
-from ald_jax.system import replay as replay_lib
-from ald_jax.system import timing
+from ald_jax.system import affinity
+from ald_jax.system import errors
+from ald_jax.system import learner_driver as driver_lib
+from ald_jax.system import loop as loop_lib
+from ald_jax.system import pool as pool_lib
+from ald_jax.system import run_dir as run_dir_lib
 
 EnvFactory = Callable[[int], Any]
 CONFIG_NAME = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 
 
-class RunError(RuntimeError):
-  """The run stopped because of an error; the message names the cause."""
+STOP_DEADLINE_S = 10.0  # one deadline shared by all actors at the end
 
-
-class NonFiniteLossError(RunError):
-  """Too many learner updates in a row had a NaN/inf loss or gradient."""
+RunError = errors.RunError
+NonFiniteLossError = errors.NonFiniteLossError
 
 
 class RunResult(NamedTuple):
@@ -63,6 +66,7 @@ class RunResult(NamedTuple):
   final_row: dict[str, Any]
   state: Any                 # the final LearnerState (host arrays)
   stopped_by: str            # "budget", "wall_time", "signal:SIGINT", ...
+  stuck_actors: tuple[str, ...] = ()  # actors still running after the deadline
 
 
 def resolve_env_factory(config: config_lib.TrainConfig,
@@ -75,13 +79,24 @@ def resolve_env_factory(config: config_lib.TrainConfig,
   return registry.make_env_factory(config.env, **config.env_kwargs_dict)
 
 
-def probe_environment(env_factory: EnvFactory, seed: int):
-  """Builds one environment to read and validate its specs, then closes it."""
+def probe_environment(env_factory: EnvFactory, seed: int) -> specs.EnvInfo:
+  """Builds one environment to read and validate its specs, then closes it.
+
+  A failing `close()` is logged, never raised over the validation's result.
+  """
   env = env_factory(seed)
+  if env is None:
+    raise specs.UnsupportedEnvironmentError(
+        "env_factory returned None; it must return a dm_env.Environment")
   try:
     return specs.validate_environment(env)
   finally:
-    env.close()
+    try:
+      close = getattr(env, "close", None)
+      if close is not None:
+        close()
+    except Exception as error:  # pylint: disable=broad-except
+      logging.warning("closing the probed environment failed: %r", error)
 
 
 def _actor_seed(base_seed: int, actor_id: int, segment: int) -> int:
@@ -91,18 +106,43 @@ def _actor_seed(base_seed: int, actor_id: int, segment: int) -> int:
 
 
 class _StopSignals:
-  """SIGINT/SIGTERM set the stop event (main thread only) and are recorded."""
+  """SIGINT/SIGTERM (main thread only): the first stops the run cleanly.
 
-  def __init__(self, stop_event: threading.Event):
-    self._stop = stop_event
+  The first signal calls `on_stop("signal:NAME")`; the loop sees it within
+  one poll and the final checkpoint follows. A second signal flushes what it
+  can (`flush` callbacks, stdout, stderr) and ends the process at once with
+  exit status 128 + signal number.
+  """
+
+  def __init__(self, on_stop: Callable[[str], None]):
+    self._on_stop = on_stop
     self.received: str | None = None
+    self.flush: list[Callable[[], None]] = []
     self._previous: dict[int, Any] = {}
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    self.received = signal.Signals(signum).name
-    logging.warning("%s received: stopping cleanly (final checkpoint follows)",
-                    self.received)
-    self._stop.set()
+    name = signal.Signals(signum).name
+    if self.received is not None:
+      self._exit_now(signum, name)
+    self.received = name
+    logging.warning("%s received: stopping cleanly (final checkpoint "
+                    "follows; a second signal exits at once)", name)
+    self._on_stop(f"signal:{name}")
+
+  def _exit_now(self, signum: int, name: str) -> None:
+    print(f"second signal ({name}): exiting now without a final checkpoint",
+          file=sys.stderr, flush=True)
+    for flush in self.flush:
+      try:
+        flush()
+      except Exception:  # pylint: disable=broad-except
+        pass
+    for stream in (sys.stdout, sys.stderr):
+      try:
+        stream.flush()
+      except Exception:  # pylint: disable=broad-except
+        pass
+    os._exit(128 + signum)  # pylint: disable=protected-access
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
@@ -115,19 +155,51 @@ class _StopSignals:
       signal.signal(sig, handler)
 
 
+def _error_traceback(error: BaseException) -> str:
+  return "".join(traceback.format_exception(type(error), error,
+                                            error.__traceback__))
+
+
+class _FirstError:
+  """Keeps the first error of the run; later ones are only logged."""
+
+  def __init__(self):
+    self.error: BaseException | None = None
+
+  def record(self, error: BaseException, what: str) -> None:
+    if self.error is None:
+      self.error = error
+    else:
+      logging.error("%s also failed: %r", what, error)
+
+  def attempt(self, what: str, fn: Callable[[], Any]) -> Any:
+    """Runs one step of the stop sequence; its error never skips the rest."""
+    try:
+      return fn()
+    except Exception as error:  # pylint: disable=broad-except
+      logging.exception("%s failed", what)
+      self.record(error, what)
+      return None
+
+
+def _make_pool(cfg: config_lib.TrainConfig, spec: pool_lib.ActorSpec
+               ) -> pool_lib.ActorPool:
+  if cfg.actors == "processes":
+    from ald_jax.system import ray_pool  # pylint: disable=import-outside-toplevel
+    return ray_pool.RayActorPool(spec, cfg)
+  return pool_lib.ThreadActorPool(spec, cfg.queue_capacity,
+                                  stall_s=cfg.actor_stall_s)
+
+
 def _write_config(run_dir: str, config: config_lib.TrainConfig,
-                  env_info) -> None:
+                  env_info, segment: int) -> None:
   resolved = {"train": checkpoint_lib.to_jsonable(config),
               "obs_shape": list(env_info.obs_shape),
               "num_actions": env_info.num_actions,
               "agent": config.learner.agent,
               "jax_version": jax.__version__,
               "learner_device": str(jax.devices()[0])}
-  path = os.path.join(run_dir, CONFIG_NAME)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(resolved, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  run_dir_lib.write_segment_config(run_dir, segment, resolved)
 
 
 def train(config: config_lib.TrainConfig,
@@ -139,18 +211,29 @@ def train(config: config_lib.TrainConfig,
     env_factory: `(seed) -> dm_env.Environment`; defaults to the registry's
       `config.env` with `config.env_kwargs`.
 
+  Returns a RunResult; `stopped_by` is "budget", "wall_time" or
+  "signal:NAME" (a first SIGINT/SIGTERM; the final checkpoint is written).
+
   Raises:
     ConfigError / UnsupportedEnvironmentError / TActorBudgetError before any
-    thread starts; RunError (with the cause) if an actor or environment fails
-    or losses stay non-finite.
+    actor starts; RunError (with the cause) if an actor or environment fails,
+    an actor stalls or losses stay non-finite.
   """
   if not isinstance(config, config_lib.TrainConfig):
     raise TypeError(f"config must be a TrainConfig, got {type(config)}")
   cfg, lcfg = config, config.learner
-  # ---- everything that can fail on bad input, before any thread starts ----
+  # ---- everything that can fail on bad input, before any actor starts ----
   factory = resolve_env_factory(cfg, env_factory)
   env_info = probe_environment(factory, cfg.seed)
   run_dir = os.path.abspath(cfg.logdir)
+  # One run per directory: held until train() returns.
+  with run_dir_lib.RunDirLock(run_dir):
+    return _train_locked(cfg, factory, env_info, run_dir)
+
+
+def _train_locked(cfg: config_lib.TrainConfig, factory: EnvFactory,
+                  env_info: specs.EnvInfo, run_dir: str) -> RunResult:
+  lcfg = cfg.learner
   ckpt_dir = os.path.join(run_dir, CHECKPOINT_DIR)
   has_checkpoints = os.path.isdir(ckpt_dir) and any(
       name.isdigit() for name in os.listdir(ckpt_dir))
@@ -158,6 +241,11 @@ def train(config: config_lib.TrainConfig,
     raise config_lib.ConfigError(
         f"logdir: {run_dir} already holds checkpoints; pass --resume to "
         "continue that run or choose another --logdir")
+  if cfg.resume:
+    latest = checkpoint_lib.read_latest_metadata(ckpt_dir)
+    if latest is not None and "config" in latest[1]:
+      run_dir_lib.check_resume_config(latest[1]["config"], cfg,
+                                      cfg.resume_allow_change)
   jax.config.update("jax_cpu_enable_async_dispatch", False)
   learner = learner_lib.make_learner(lcfg, env_info.obs_shape,
                                      env_info.num_actions)
@@ -168,216 +256,110 @@ def train(config: config_lib.TrainConfig,
                        learner.example_batch(lcfg.batch_size))
   checkpointer = checkpoint_lib.Checkpointer(ckpt_dir,
                                              max_to_keep=cfg.keep_checkpoints)
-  counters = {"env_steps": 0, "learner_steps": 0, "distill_steps": 0,
-              "wall_time_s": 0.0, "segment": 0, "nonfinite_total": 0}
-  replay_rng_state = None
+  metadata: dict[str, Any] = {}
   if cfg.resume:
     restored = checkpointer.restore_latest(state)
     if restored is None:
       logging.warning("--resume: no checkpoint in %s; starting fresh", ckpt_dir)
     else:
       state, metadata = restored
-      counters.update({k: metadata[k] for k in counters if k in metadata})
-      counters["segment"] += 1
-      replay_rng_state = metadata.get("replay_rng_state")
       logging.info("resumed from %s at env step %d, learner step %d",
-                   ckpt_dir, counters["env_steps"], counters["learner_steps"])
-  state = jax.device_put(state, learner_device)
-  _write_config(run_dir, cfg, env_info)
+                   ckpt_dir, metadata.get("env_steps", 0),
+                   metadata.get("learner_steps", 0))
+  segment = metadata.get("segment", -1) + 1 if metadata else 0
+  env_offset = int(metadata.get("env_steps", 0))
+  driver = driver_lib.LearnerDriver(
+      learner, cfg, learner_device, state, counters=metadata,
+      replay_rng_state=metadata.get("replay_rng_state"))
+  _write_config(run_dir, cfg, env_info, segment)
 
-  # One jitted call copies the actor parameters out of the (donated) learner
-  # state: fresh buffers the actors may keep, without a host round-trip per
-  # leaf on the learner thread.
-  copy_actor_params = jax.jit(lambda s: jax.tree_util.tree_map(
-      jnp.copy, learner.actor_params(s)))
   core = learner.actor_core
-  cores = actor_lib.assign_cores(cfg.num_actors, reserve_for_learner=1)
+  cores = affinity.assign_cores(cfg.num_actors, reserve_for_learner=1)
   calibration = actor_lib.calibrate_core(
-      core, copy_actor_params(state),
-      env_info.obs_shape, cfg.envs_per_actor, budget_ms=cfg.t_actor_budget_ms,
-      policy=cfg.t_actor_policy, num_calls=cfg.calibration_steps,
-      cores=cores.actors[0], seed=cfg.seed)
+      core, driver.actor_params(), env_info.obs_shape, cfg.envs_per_actor,
+      budget_ms=cfg.t_actor_budget_ms, policy=cfg.t_actor_policy,
+      num_calls=cfg.calibration_steps, cores=cores.actors[0], seed=cfg.seed)
   logging.info("T_actor calibration (%d envs): p50 %.0f us, p99 %.0f us, "
                "budget %.2f ms", cfg.envs_per_actor, calibration.p50_us,
                calibration.p99_us, cfg.t_actor_budget_ms)
 
   # ---- the running system --------------------------------------------------
-  stop_event = threading.Event()
-  errors = queue_utils.ErrorHolder(stop_event)
-  slot = params_lib.ParamsSlot()
-  unroll_queue: queue_lib.Queue = queue_lib.Queue(maxsize=cfg.queue_capacity)
-  batcher = replay_lib.UnrollBatcher(lcfg.batch_size)
-  replay = replay_lib.ReplayBuffer(cfg.replay_capacity, seed=cfg.seed)
-  if replay_rng_state is not None:
-    replay.rng.bit_generator.state = replay_rng_state
-  schedule = replay_lib.DistillSchedule(cfg.distill_steps_per_rl_step)
-  phases = timing.PhaseTimer()
-  episodes = metrics_lib.EpisodeWindow(size=200)
+  spec = pool_lib.ActorSpec(
+      make_env=lambda i: batched_lib.BatchedEnv(
+          factory, cfg.envs_per_actor, _actor_seed(cfg.seed, i, segment)),
+      core=core, num_actors=cfg.num_actors, envs_per_actor=cfg.envs_per_actor,
+      unroll_length=lcfg.unroll_length, context_length=lcfg.learner_context,
+      seed_for=functools.partial(_seed_for_actor, cfg.seed, segment),
+      cores=cores.actors, t_actor_budget_ms=cfg.t_actor_budget_ms,
+      env_info=env_info, nonfinite_obs=cfg.nonfinite_obs)
   writer = metrics_lib.MetricsWriter(
       run_dir, resume=cfg.resume,
-      keep_until=("env_steps", counters["env_steps"]) if cfg.resume else None)
-  slot.publish(copy_actor_params(state), copy_to_host=False)
+      tensorboard=None if cfg.tensorboard else False,
+      keep_until=("env_steps", env_offset) if cfg.resume else None)
 
-  actors = [
-      actor_lib.ActorThread(
-          i,
-          functools.partial(batched_lib.BatchedEnv, factory,
-                            cfg.envs_per_actor,
-                            _actor_seed(cfg.seed, i, counters["segment"])),
-          core, slot, unroll_queue, stop_event, errors,
-          unroll_length=lcfg.unroll_length,
-          context_length=lcfg.learner_context,
-          seed=_actor_seed(cfg.seed + 1, i, counters["segment"]),
-          cores=cores.actors[i], t_actor_budget_ms=cfg.t_actor_budget_ms)
-      for i in range(cfg.num_actors)
-  ]
-  start_time = time.perf_counter()
-  wall_offset = counters["wall_time_s"]
-  env_offset = counters["env_steps"]
-  stopped_by = "budget"
-  last_metrics: dict[str, Any] = {}
-  consecutive_nonfinite = 0
-  rate = metrics_lib.RateMeter()
+  def write_row(row: dict[str, Any]) -> None:
+    writer.write(row)
+    print(metrics_lib.format_progress(row), flush=True)
+
+  def save_checkpoint(step: int, host_state: Any, meta: dict[str, Any]):
+    checkpointer.save(step, host_state,
+                      dict(meta, config=checkpoint_lib.to_jsonable(cfg)))
+
+  pool = _make_pool(cfg, spec)  # builds; starts nothing
+  loop = loop_lib.LearnerLoop(
+      cfg, pool, driver, write_row=write_row,
+      save_checkpoint=save_checkpoint, env_offset=env_offset,
+      wall_offset=float(metadata.get("wall_time_s", 0.0)), segment=segment)
+  first_error = _FirstError()
+  stuck: list[str] = []
   row: dict[str, Any] = {}
-
-  def env_steps_now() -> int:
-    return env_offset + sum(a.stats().env_steps for a in actors)
-
-  def make_row() -> dict[str, Any]:
-    episodes.extend(e for a in actors for e in a.drain_episodes())
-    row = {"agent": lcfg.agent, "env": cfg.env, "stopped_by": "",
-           "wall_time_s": wall_offset + time.perf_counter() - start_time}
-    row.update(actor_lib.summarize_actors(actors))
-    row["env_steps"] = env_offset + row["env_steps"]
-    row["env_sps"] = rate.rate(row["env_steps"])
-    row.update(episodes.summary())
-    row.update({"learner_steps": counters["learner_steps"],
-                "distill_steps": counters["distill_steps"],
-                "nonfinite_total": counters["nonfinite_total"],
-                "queue_size": unroll_queue.qsize(),
-                "queue_capacity": cfg.queue_capacity,
-                "params_version": slot.version})
-    row.update(phases.summary())
-    row.update({k: float(v)
-                for k, v in jax.device_get(last_metrics).items()})
-    return row
-
-  def save_checkpoint():
-    counters["wall_time_s"] = wall_offset + time.perf_counter() - start_time
-    counters["env_steps"] = env_steps_now()
-    metadata = dict(counters,
-                    replay_rng_state=replay.rng.bit_generator.state,
-                    config=checkpoint_lib.to_jsonable(cfg))
-    with phases.phase("checkpoint"):
-      checkpointer.save(counters["learner_steps"],
-                        jax.device_get(state), metadata)
-
-  with _StopSignals(stop_event) as signals:
+  with _StopSignals(loop.request_stop) as signals:
+    signals.flush.append(writer.close)
     try:
       if env_offset >= cfg.total_env_steps:
         logging.info("the restored run already has %d >= total_env_steps=%d "
                      "env steps; nothing to do", env_offset,
                      cfg.total_env_steps)
-        stop_event.set()
+        loop.request_stop("budget")
       else:
-        if cfg.pin_learner:
-          actor_lib.pin_process_threads(cores.learner)
-        for actor in actors:
-          actor.start()
-      last_report = last_checkpoint = time.perf_counter()
-      rate.rate(env_offset)
-      while not stop_event.is_set():
-        if env_steps_now() >= cfg.total_env_steps:
-          break
-        if cfg.max_wall_time_s and (time.perf_counter() - start_time
-                                    >= cfg.max_wall_time_s):
-          stopped_by = "wall_time"
-          break
-        with phases.phase("wait_batch"):
-          unroll = queue_utils.get_until_stopped(unroll_queue, stop_event,
-                                                 poll_s=0.05)
-        if unroll is None:
-          break
-        batcher.add(unroll)
-        if cfg.distill_steps_per_rl_step > 0:  # replay feeds distill-only steps
-          replay.add(unroll)
-        batch = batcher.pop_batch()
-        while batch is not None and not stop_event.is_set():
-          with phases.phase("step"):
-            state, metrics = learner.step(
-                state, jax.device_put(batch, learner_device))
-            # One scalar per step; the rest is fetched at report time (each
-            # host transfer holds the GIL the actors need).
-            nonfinite = float(metrics["nonfinite"])
-          if nonfinite > 0:
-            consecutive_nonfinite += 1
-            counters["nonfinite_total"] += 1
-            logging.warning("non-finite loss or gradient: update skipped "
-                            "(%d in a row)", consecutive_nonfinite)
-            if consecutive_nonfinite >= cfg.max_consecutive_nonfinite:
-              raise NonFiniteLossError(
-                  f"{consecutive_nonfinite} learner updates in a row had a "
-                  "non-finite loss or gradient (max_consecutive_nonfinite="
-                  f"{cfg.max_consecutive_nonfinite}); last metrics: "
-                  f"{ {k: float(v) for k, v in metrics.items()} }")
-          else:
-            consecutive_nonfinite = 0
-            counters["learner_steps"] += 1
-            last_metrics = metrics
-          with phases.phase("distill"):
-            for _ in range(schedule.steps_due()):
-              replayed = jax.device_put(replay.sample(lcfg.batch_size),
-                                        learner_device)
-              state, distill_metrics = learner.distill_step(state, replayed)
-              if float(distill_metrics["nonfinite"]) == 0:
-                counters["distill_steps"] += 1
-          with phases.phase("publish"):
-            slot.publish(copy_actor_params(state), copy_to_host=False)
-          batch = batcher.pop_batch()
-        now = time.perf_counter()
-        if now - last_report >= cfg.report_interval_s:
-          last_report = now
-          row = make_row()
-          writer.write(row)
-          print(metrics_lib.format_progress(row), flush=True)
-        if now - last_checkpoint >= cfg.checkpoint_interval_s:
-          last_checkpoint = now
-          save_checkpoint()
+        with affinity.pinned_process(cores.learner if cfg.pin_learner
+                                     else None):
+          pool.start(driver.actor_params())
+          loop.run()
     except BaseException as error:  # pylint: disable=broad-except
-      errors.record(error, "learner")
-    finally:
-      stop_event.set()
-      for actor in actors:
-        if actor.ident is not None:
-          actor.join(timeout=30.0)
-      alive = [a.name for a in actors if a.is_alive()]
-      if alive:
-        logging.error("actor threads still running after stop: %s", alive)
-      if signals.received:
-        stopped_by = f"signal:{signals.received}"
-      row = make_row()
-      row["stopped_by"] = stopped_by if not errors.has_error else "error"
-      writer.write(row)
-      writer.close()
-      print(metrics_lib.format_progress(row), flush=True)
-      if not isinstance(errors.error, NonFiniteLossError):
-        # A final checkpoint: after a budget end, a signal or an actor error
-        # (the learner state itself is sound; NaN updates were skipped).
-        try:
-          save_checkpoint()
-        except Exception:  # pylint: disable=broad-except
-          logging.exception("final checkpoint failed")
-      checkpointer.close()
-      try:
-        plot_lib.plot_runs([run_dir], os.path.join(run_dir, "curves.png"))
-      except Exception:  # pylint: disable=broad-except
-        logging.exception("plotting %s failed", run_dir)
-
-  if errors.has_error:
-    if isinstance(errors.error, KeyboardInterrupt):
+      first_error.record(error, "learner loop")
+    # ---- the stop sequence: each step runs whatever failed before ----
+    if not isinstance(first_error.error, errors.NonFiniteLossError):
+      # The learner state is sound (NaN updates were skipped).
+      first_error.attempt("final checkpoint", loop.checkpoint)
+    logging.info("stopping actors (deadline %.0f s)", STOP_DEADLINE_S)
+    stuck = first_error.attempt(
+        "stopping actors", lambda: pool.stop(STOP_DEADLINE_S)) or []
+    stopped_by = ("error" if first_error.error is not None
+                  and not isinstance(first_error.error, KeyboardInterrupt)
+                  else loop.stop_reason or "budget")
+    if isinstance(first_error.error, KeyboardInterrupt):
       stopped_by = "signal:SIGINT"
-    else:
-      raise RunError(f"run stopped by an error in {errors.message()}\n"
-                     f"{errors.traceback or ''}") from errors.error
+    row = first_error.attempt("final metrics row",
+                              lambda: loop.row(stopped_by)) or {}
+    if stuck:
+      row["stuck_actors"] = ",".join(stuck)
+    if row:
+      first_error.attempt("writing the final metrics row",
+                          lambda: write_row(row))
+    first_error.attempt("closing the metrics files", writer.close)
+    first_error.attempt("closing the checkpointer", checkpointer.close)
+
+  error = first_error.error
+  if error is not None and not isinstance(error, KeyboardInterrupt):
+    if isinstance(error, errors.RunError):
+      raise error
+    raise RunError(f"run stopped by an error: {type(error).__name__}: {error}",
+                   _error_traceback(error)) from error
   return RunResult(run_dir=run_dir, final_row=row,
-                   state=jax.device_get(state), stopped_by=stopped_by)
+                   state=driver.host_state(), stopped_by=stopped_by,
+                   stuck_actors=tuple(stuck))
+
+
+def _seed_for_actor(base_seed: int, segment: int, actor_id: int) -> int:
+  return _actor_seed(base_seed + 1, actor_id, segment)

@@ -1,0 +1,152 @@
+"""The learner loop: unrolls in, learner steps, publishes, reports, checkpoints.
+
+A small object with its own state (counters, stop reason) so that the run
+module only wires it up and stops it. It never waits unboundedly: each wait
+for an unroll lasts at most `poll_s`, after which the stop request, the
+budget, the wall-time limit, the actors' health, reports and checkpoints are
+checked again, whether or not an unroll came.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable
+
+from ald_jax import config as config_lib
+from ald_jax import metrics as metrics_lib
+from ald_jax.system import learner_driver as driver_lib
+from ald_jax.system import pool as pool_lib
+from ald_jax.system import replay as replay_lib
+from ald_jax.system import timing
+
+
+class LearnerLoop:
+  """Runs until the budget, the wall-time limit, a stop request or an error.
+
+  Args:
+    config: the run's TrainConfig.
+    pool: the actors (pool.ActorPool).
+    driver: the learner side (learner_driver.LearnerDriver).
+    write_row: called with each report row (metrics file + progress line).
+    save_checkpoint: called with (learner_step, host_state, metadata).
+    env_offset / wall_offset / segment: where a resumed run continues.
+  """
+
+  def __init__(self, config: config_lib.TrainConfig,
+               pool: pool_lib.ActorPool, driver: driver_lib.LearnerDriver,
+               *, write_row: Callable[[dict[str, Any]], None],
+               save_checkpoint: Callable[[int, Any, dict[str, Any]], None],
+               env_offset: int = 0, wall_offset: float = 0.0,
+               segment: int = 0, poll_s: float = 0.1):
+    self._config = config
+    self._pool = pool
+    self._driver = driver
+    self._write_row = write_row
+    self._save_checkpoint = save_checkpoint
+    self.env_offset = env_offset
+    self.wall_offset = wall_offset
+    self.segment = segment
+    self._poll_s = poll_s
+    self._stop_requested = threading.Event()
+    self.stop_reason: str | None = None  # "budget", "wall_time", "signal:..."
+    self.phases = timing.PhaseTimer()
+    self._episodes = metrics_lib.EpisodeWindow(size=200)
+    self._rate = metrics_lib.RateMeter()
+    self._batcher: Any = None  # chosen from the first unroll's fields
+    self._start_time = time.perf_counter()
+
+  # ---- state read by the run module ----
+
+  def elapsed_s(self) -> float:
+    return time.perf_counter() - self._start_time
+
+  def env_steps(self) -> int:
+    return self.env_offset + self._pool.env_steps()
+
+  def request_stop(self, reason: str) -> None:
+    """Asks the loop to stop (any thread, signal handlers included)."""
+    if self.stop_reason is None:
+      self.stop_reason = reason
+    self._stop_requested.set()
+
+  def row(self, stopped_by: str = "") -> dict[str, Any]:
+    """One metrics row: actors, episodes, learner counters and metrics."""
+    cfg = self._config
+    self._episodes.extend(self._pool.drain_episodes())
+    row: dict[str, Any] = {"agent": cfg.learner.agent, "env": cfg.env,
+                           "stopped_by": stopped_by,
+                           "wall_time_s": self.wall_offset + self.elapsed_s()}
+    row.update(self._pool.stats())
+    row["env_steps"] = self.env_offset + row["env_steps"]
+    row["env_sps"] = self._rate.rate(row["env_steps"])
+    row.update(self._episodes.summary())
+    row.update(self._driver.counters()._asdict())
+    row.update({"queue_size": self._pool.queue_size,
+                "queue_capacity": cfg.queue_capacity,
+                "params_version": self._pool.params_version,
+                "batch_repeated_rows": getattr(self._batcher, "repeated_rows",
+                                               0)})
+    row.update(self.phases.summary())
+    row.update(self._driver.metrics())
+    return row
+
+  def checkpoint(self) -> None:
+    """Saves the learner state with the counters a resume continues from."""
+    metadata = dict(self._driver.checkpoint_metadata(),
+                    env_steps=self.env_steps(),
+                    wall_time_s=self.wall_offset + self.elapsed_s(),
+                    segment=self.segment)
+    with self.phases.phase("checkpoint"):
+      self._save_checkpoint(self._driver.counters().learner_steps,
+                            self._driver.host_state(), metadata)
+
+  # ---- the loop ----
+
+  def _due_stop(self) -> str | None:
+    cfg = self._config
+    if self._stop_requested.is_set():
+      return self.stop_reason
+    if self.env_steps() >= cfg.total_env_steps:
+      return "budget"
+    if cfg.max_wall_time_s and self.elapsed_s() >= cfg.max_wall_time_s:
+      return "wall_time"
+    return None
+
+  def _train_on(self, unroll: Any) -> None:
+    if self._batcher is None:
+      self._batcher = replay_lib.make_batcher(self._config.learner.batch_size,
+                                              unroll)
+    self._batcher.add(unroll)
+    while not self._stop_requested.is_set():
+      batch = self._batcher.pop_batch()
+      if batch is None:
+        return
+      with self.phases.phase("step"):
+        self._driver.train(batch)
+      with self.phases.phase("publish"):
+        self._pool.publish(self._driver.actor_params())
+
+  def run(self) -> str:
+    """Runs until a stop; returns (and sets) the stop reason."""
+    cfg = self._config
+    self._rate.rate(self.env_offset)
+    last_report = last_checkpoint = time.perf_counter()
+    while True:
+      reason = self._due_stop()
+      if reason is not None:
+        break
+      self._pool.check()  # raises a RunError for a failed/stalled actor
+      with self.phases.phase("wait_batch"):
+        unroll = self._pool.get_unroll(self._poll_s)
+      if unroll is not None:
+        self._train_on(unroll)
+      now = time.perf_counter()
+      if now - last_report >= cfg.report_interval_s:
+        last_report = now
+        self._write_row(self.row())
+      if now - last_checkpoint >= cfg.checkpoint_interval_s:
+        last_checkpoint = now
+        self.checkpoint()
+    if self.stop_reason is None:
+      self.stop_reason = reason
+    return self.stop_reason

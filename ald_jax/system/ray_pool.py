@@ -1,0 +1,453 @@
+"""Actor processes with Ray: `--actors=processes`.
+
+The learner's process runs no actor. Each Ray actor process (`_ActorProcess`)
+builds its own learner definition on its own JAX CPU client, builds its
+environments itself and runs one pinned `ActorThread` feeding a small local
+queue. The learner side (`RayActorPool`) keeps one outstanding `poll` call
+per process; each call carries the newest parameter version (one `ray.put`
+per publish, passed by reference: a process fetches it only when it is newer
+than what it has) and returns the unrolls ready by then as numpy arrays, the
+finished episodes and the actor's counters.
+
+Faults: a process that dies (kill -9, out of memory) or makes no progress for
+`actor_stall_s` (its thread stuck in an environment, or the whole process
+unresponsive) is killed and started again with the same stream ids (its
+streams start fresh episodes; `unroll_index` restarts at 0, so the learner
+treats them as new streams). Restarts are counted (`actor_restarts`); past
+`max_actor_restarts` the run stops with an error naming the actor and its
+last failure. An exception inside an environment stops the run as in thread
+mode. `stop` ends every process; Ray itself is shut down when the run
+started it.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import queue as queue_lib
+import threading
+import time
+from typing import Any, NamedTuple
+
+from absl import logging
+import numpy as np
+
+from ald_jax import config as config_lib
+from ald_jax import types
+from ald_jax.system import actor as actor_lib
+from ald_jax.system import errors
+from ald_jax.system import pool as pool_lib
+from ald_jax.system import timing
+
+# Ray refuses multi-node clusters on Windows/macOS unless this is set; the
+# run sets it to "0" (no such cluster) for itself and its actor processes.
+RAY_CLUSTER_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# Actor processes act on their CPU (never grab the learner's accelerator).
+ACTOR_PROCESS_ENV = dict(RAY_CLUSTER_ENV, JAX_PLATFORMS="cpu")
+POLL_S = 0.5            # how long a process's poll call waits for an unroll
+LATENCY_SAMPLES = 4096  # T_actor samples a process sends per report
+
+
+def _import_ray():
+  try:
+    import ray  # pylint: disable=import-outside-toplevel
+  except ImportError as error:
+    raise config_lib.ConfigError(
+        "actors: 'processes' needs Ray: pip install 'ald_jax[ray]'") from error
+  return ray
+
+
+class LatencySnapshot(NamedTuple):
+  """A process's T_actor record, shaped for `timing.merge_latency`."""
+  values: np.ndarray
+  count: int
+  max_ns: int
+  over_budget: int
+  budget_ms: float | None
+
+  def values_ns(self) -> np.ndarray:
+    return self.values
+
+  def summary(self) -> timing.LatencySummary:
+    return timing.merge_latency([self])
+
+
+class PollReply(NamedTuple):
+  unrolls: list[types.Batch]
+  episodes: list[actor_lib.Episode]
+  stats: actor_lib.ActorStats
+  latency: LatencySnapshot | None  # only when asked (report time)
+  idle_s: float                    # seconds since the thread last progressed
+  error: str | None                # "Type: message" of the thread's failure
+  error_traceback: str | None
+  pid: int
+  node_id: str                     # the Ray node the process runs on
+
+
+class _ActorProcess:
+  """Runs inside a Ray actor process: one ActorThread and its queue."""
+
+  def __init__(self, actor_id: int, spec_blob: bytes, learner_config: Any,
+               env_info: Any, seed: int, cores, queue_capacity: int):
+    import jax  # pylint: disable=import-outside-toplevel
+    from ray import cloudpickle  # pylint: disable=import-outside-toplevel
+    from ald_jax import learner as learner_lib  # pylint: disable=import-outside-toplevel
+    from ald_jax.system import params as params_lib  # pylint: disable=import-outside-toplevel
+    from ald_jax.system import queue as queue_utils  # pylint: disable=import-outside-toplevel
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    spec = cloudpickle.loads(spec_blob)
+    core = learner_lib.make_learner(learner_config, env_info.obs_shape,
+                                    env_info.num_actions).actor_core
+    self._ray = _import_ray()
+    self._stop = threading.Event()
+    self._errors = queue_utils.ErrorHolder(self._stop)
+    self._slot = params_lib.ParamsSlot()
+    self._queue: queue_lib.Queue = queue_lib.Queue(maxsize=queue_capacity)
+    self._thread = actor_lib.ActorThread(
+        actor_id, lambda: spec.make_env(actor_id), core, self._slot,
+        self._queue, self._stop, self._errors,
+        unroll_length=spec.unroll_length, context_length=spec.context_length,
+        seed=seed, cores=cores, t_actor_budget_ms=spec.t_actor_budget_ms,
+        stream_offset=actor_id * spec.envs_per_actor, env_info=env_info,
+        nonfinite_obs=spec.nonfinite_obs)
+    self._thread.start()  # acts once the first parameters arrive
+    self._node_id = self._ray.get_runtime_context().get_node_id()
+    self._version = 0
+
+  def poll(self, version: int, params_ref: list, with_latency: bool
+           ) -> PollReply:
+    """Takes newer parameters, returns the unrolls ready within POLL_S."""
+    if version > self._version:
+      params = self._ray.get(params_ref[0])
+      self._version = version
+      self._slot.publish(params, copy_to_host=False, version=version)
+    unrolls = []
+    deadline = time.monotonic() + POLL_S
+    while not unrolls or not self._queue.empty():
+      try:
+        unrolls.append(self._queue.get(
+            timeout=max(0.0, deadline - time.monotonic())))
+      except queue_lib.Empty:
+        break
+    latency = None
+    if with_latency:
+      recorder = self._thread.latency
+      latency = LatencySnapshot(recorder.values_ns()[-LATENCY_SAMPLES:],
+                                recorder.count, recorder.max_ns,
+                                recorder.over_budget, recorder.budget_ms)
+    error = self._errors.message() or None
+    return PollReply(unrolls, self._thread.drain_episodes(),
+                     self._thread.stats(), latency,
+                     time.monotonic() - self._thread.last_progress, error,
+                     self._errors.traceback, os.getpid(), self._node_id)
+
+  def stop(self, timeout_s: float) -> bool:
+    """Stops the thread; True if it ended within `timeout_s`."""
+    self._stop.set()
+    if self._thread.ident is not None:
+      self._thread.join(timeout_s)
+    return not self._thread.is_alive()
+
+
+class _Slot:
+  """The learner's view of one actor id: its current process and history."""
+
+  def __init__(self, actor_id: int):
+    self.actor_id = actor_id
+    self.handle: Any = None
+    self.pending: Any = None          # the outstanding poll's ObjectRef
+    self.pending_since = 0.0
+    self.last: PollReply | None = None
+    self.latency: LatencySnapshot | None = None
+    self.env_steps_before = 0         # env steps of earlier incarnations
+    self.restarts = 0
+    self.unrolls_received = 0
+    self.last_failure = ""
+    self.pids: list[int] = []
+    self.node_ids: set[str] = set()
+
+  @property
+  def env_steps(self) -> int:
+    now = self.last.stats.env_steps if self.last is not None else 0
+    return self.env_steps_before + now
+
+
+class RayActorPool:
+  """Actor processes under Ray; see the module doc. Builds nothing until
+  `start`."""
+
+  def __init__(self, spec: pool_lib.ActorSpec, config: config_lib.TrainConfig,
+               poll_queue_capacity: int = 2):
+    self._spec = spec
+    self._config = config
+    self._ray = None
+    self._connected = False   # this pool called ray.init
+    self._started_ray = False  # ... and that started a local Ray
+    self._remote_class: Any = None
+    self._slots = [_Slot(i) for i in range(spec.num_actors)]
+    self._ready: list[types.Batch] = []
+    self._episodes: list[actor_lib.Episode] = []
+    self._params_ref: Any = None
+    self.params_version = 0
+    self.num_streams = spec.num_actors * spec.envs_per_actor
+    self._queue_capacity = poll_queue_capacity
+    self._want_latency = False
+    self._spec_blob: bytes | None = None
+
+  # ---- lifecycle ----
+
+  def start(self, params: Any) -> None:
+    ray = self._ray = _import_ray()
+    from ray import cloudpickle  # pylint: disable=import-outside-toplevel
+    import ald_jax  # pylint: disable=import-outside-toplevel
+    os.environ.update(RAY_CLUSTER_ENV)
+    # Actor processes import this ald_jax (same machine; on a cluster each
+    # node needs ald_jax installed, and this path is only a hint).
+    source_root = os.path.dirname(os.path.dirname(ald_jax.__file__))
+    python_path = os.pathsep.join(
+        p for p in (source_root, os.environ.get("PYTHONPATH", "")) if p)
+    env_vars = dict(ACTOR_PROCESS_ENV, PYTHONPATH=python_path)
+    if not ray.is_initialized():
+      address = self._config.ray_address or None
+      kwargs = {}
+      if address is None:  # a local Ray with a CPU slot for each actor
+        kwargs["num_cpus"] = max(os.cpu_count() or 1, self._spec.num_actors)
+      ray.init(address=address, include_dashboard=False,
+               log_to_driver=False, configure_logging=False,
+               runtime_env={"env_vars": env_vars}, **kwargs)
+      self._connected = True
+      self._started_ray = address is None
+    self._remote_class = ray.remote(num_cpus=1)(_ActorProcess)
+    # What a process needs besides the learner config: envs and sizes (the
+    # actor core is rebuilt there from the config).
+    spec = copy.copy(self._spec)
+    spec.core = None
+    self._spec_blob = cloudpickle.dumps(spec)
+    self.publish(params)
+    for slot in self._slots:
+      self._launch(slot)
+
+  def _launch(self, slot: _Slot) -> None:
+    spec, cfg = self._spec, self._config
+    # On a cluster core ids of this machine mean nothing: pin only locally.
+    cores = spec.cores[slot.actor_id] if not cfg.ray_address else None
+    seed = spec.seed_for(slot.actor_id) + 7919 * slot.restarts
+    slot.handle = self._remote_class.remote(
+        slot.actor_id, self._spec_blob, cfg.learner, spec.env_info, seed,
+        cores, self._queue_capacity)
+    slot.last = None
+    slot.pending = None
+    self._poll(slot)
+
+  def _poll(self, slot: _Slot) -> None:
+    slot.pending = slot.handle.poll.remote(
+        self.params_version, [self._params_ref], self._want_latency)
+    slot.pending_since = time.monotonic()
+
+  def publish(self, params: Any) -> int:
+    import jax  # pylint: disable=import-outside-toplevel
+    self._params_ref = self._ray.put(jax.device_get(params))
+    self.params_version += 1
+    return self.params_version
+
+  # ---- unrolls ----
+
+  def get_unroll(self, timeout_s: float) -> types.Batch | None:
+    if not self._ready:
+      self._collect(timeout_s)
+    return self._ready.pop(0) if self._ready else None
+
+  def _collect(self, timeout_s: float) -> None:
+    ray = self._ray
+    pending = {slot.pending: slot for slot in self._slots
+               if slot.pending is not None}
+    if not pending:
+      return
+    done, _ = ray.wait(list(pending), num_returns=1, timeout=timeout_s)
+    done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0) \
+        if done else (done, None)
+    for ref in done:
+      slot = pending[ref]
+      try:
+        reply = ray.get(ref)
+      except (ray.exceptions.RayActorError,
+              ray.exceptions.ActorUnavailableError) as error:
+        self._restart(slot, f"process died: {type(error).__name__}")
+        continue
+      self._take(slot, reply)
+      self._poll(slot)
+
+  def _take(self, slot: _Slot, reply: PollReply) -> None:
+    if reply.error is not None:
+      raise errors.RunError(
+          f"run stopped by an error in actor {slot.actor_id} (process "
+          f"{reply.pid}): {reply.error}", reply.error_traceback)
+    slot.last = reply
+    if reply.pid not in slot.pids:
+      slot.pids.append(reply.pid)
+    slot.node_ids.add(reply.node_id)
+    if reply.latency is not None:
+      slot.latency = reply.latency
+    slot.unrolls_received += len(reply.unrolls)
+    self._ready.extend(reply.unrolls)
+    self._episodes.extend(reply.episodes)
+    stall_s = self._config.actor_stall_s
+    if stall_s and reply.idle_s > stall_s:
+      self._restart(slot, f"stalled: no environment step for "
+                    f"{reply.idle_s:.1f} s (--actor_stall_s={stall_s:g})")
+
+  def _restart(self, slot: _Slot, why: str) -> None:
+    slot.last_failure = why
+    limit = self._config.max_actor_restarts
+    if sum(s.restarts for s in self._slots) >= limit:
+      raise errors.ActorRestartLimitError(
+          f"actor {slot.actor_id} failed and the run is past "
+          f"--max_actor_restarts={limit}; its last failure: {why}")
+    slot.restarts += 1
+    logging.warning("actor %d %s; restarting it (restart %d of %d)",
+                    slot.actor_id, why, sum(s.restarts for s in self._slots),
+                    limit)
+    slot.env_steps_before = slot.env_steps
+    try:
+      self._ray.kill(slot.handle, no_restart=True)
+    except Exception:  # pylint: disable=broad-except
+      pass
+    self._launch(slot)
+
+  def check(self) -> None:
+    """Restarts a process whose poll has not returned for actor_stall_s."""
+    stall_s = self._config.actor_stall_s
+    if not stall_s:
+      return
+    now = time.monotonic()
+    for slot in self._slots:
+      if slot.pending is not None and now - slot.pending_since > stall_s + 60:
+        # No reply at all (the process is unresponsive); +60 s leaves room
+        # for a process's start-up and compilation.
+        self._restart(slot, f"unresponsive for {now - slot.pending_since:.0f} "
+                      "s")
+
+  # ---- reporting ----
+
+  @property
+  def queue_size(self) -> int:
+    return len(self._ready)
+
+  def env_steps(self) -> int:
+    return sum(slot.env_steps for slot in self._slots)
+
+  def drain_episodes(self) -> list[actor_lib.Episode]:
+    out, self._episodes = self._episodes, []
+    return out
+
+  def stats(self) -> dict[str, Any]:
+    # T_actor samples come with the next polls (asked at report time).
+    self._want_latency = True
+    views = [_View(slot, self._spec) for slot in self._slots]
+    row = actor_lib.summarize_actors(views, per_actor=True)
+    row["env_steps"] = self.env_steps()
+    row["actor_restarts"] = sum(s.restarts for s in self._slots)
+    for slot in self._slots:
+      prefix = f"actor{slot.actor_id}_"
+      row[prefix + "unrolls"] = slot.unrolls_received
+      row[prefix + "params_version"] = (slot.last.stats.params_version
+                                        if slot.last else 0)
+      row[prefix + "restarts"] = slot.restarts
+    return row
+
+  def actor_node_ids(self) -> set[str]:
+    """The Ray nodes actor processes ran on."""
+    return set().union(*(slot.node_ids for slot in self._slots))
+
+  def actor_pids(self) -> list[int]:
+    """Every actor process pid seen in this run (tests check they are gone)."""
+    return [pid for slot in self._slots for pid in slot.pids]
+
+  def stop(self, deadline_s: float) -> list[str]:
+    if self._ray is None:
+      return []
+    ray = self._ray
+    deadline = time.monotonic() + deadline_s
+    handles = [s.handle for s in self._slots if s.handle is not None]
+    refs = []
+    for handle in handles:
+      try:
+        refs.append(handle.stop.remote(max(0.0, deadline_s - 1.0)))
+      except Exception:  # pylint: disable=broad-except
+        pass
+    stuck = []
+    if refs:
+      done, _ = ray.wait(refs, num_returns=len(refs),
+                         timeout=max(0.0, deadline - time.monotonic()))
+      for slot, ref in zip(self._slots, refs):
+        try:
+          if ref not in done or not ray.get(ref):
+            stuck.append(f"actor-{slot.actor_id}")
+        except Exception:  # pylint: disable=broad-except
+          pass  # the process is gone already
+    for handle in handles:
+      try:
+        ray.kill(handle, no_restart=True)  # ends stuck threads too
+      except Exception:  # pylint: disable=broad-except
+        pass
+    if stuck:
+      logging.error("actor processes that did not stop within %.0f s were "
+                    "killed: %s", deadline_s, stuck)
+    if self._started_ray:
+      # Our local Ray: raylet, GCS and every worker end with the run.
+      ray.shutdown(wait_for_processes=True)
+      left = wait_for_exit(self.actor_pids(),
+                           max(2.0, deadline - time.monotonic()))
+      for pid in left:
+        try:
+          os.kill(pid, 9)
+        except OSError:
+          pass
+      if left:
+        logging.warning("killed actor processes left after ray.shutdown: %s",
+                        left)
+    elif self._connected:
+      ray.shutdown()  # disconnects; the cluster keeps running
+    return []  # a killed process leaves nothing running
+
+
+def process_alive(pid: int) -> bool:
+  """True while `pid` runs (a zombie, exited but not reaped, counts as gone)."""
+  try:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("State:"):
+          return "Z" not in line.split()[1]
+  except OSError:
+    pass
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return not os.path.isdir("/proc")  # no /proc: trust kill(0)
+
+
+def wait_for_exit(pids: list[int], timeout_s: float) -> list[int]:
+  """Waits (in 50 ms slices) until `pids` are gone; returns those left."""
+  deadline = time.monotonic() + timeout_s
+  left = [pid for pid in pids if process_alive(pid)]
+  while left and time.monotonic() < deadline:
+    time.sleep(0.05)
+    left = [pid for pid in left if process_alive(pid)]
+  return left
+
+
+class _View:
+  """An actor process seen through its latest reply (for summarize_actors)."""
+
+  def __init__(self, slot: _Slot, spec: pool_lib.ActorSpec):
+    self._slot = slot
+    self.latency = slot.latency or LatencySnapshot(
+        np.zeros(0, np.int64), 0, 0, 0, spec.t_actor_budget_ms)
+
+  def stats(self) -> actor_lib.ActorStats:
+    if self._slot.last is not None:
+      return self._slot.last.stats
+    return actor_lib.ActorStats(self._slot.actor_id, 0, 0, 0, 0, 0.0, 0.0,
+                                0.0, 0, 0, 0, 0.0, None, 0)

@@ -1,0 +1,142 @@
+"""LearnerDriver: the one learner call per batch, with a fake learner."""
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ald_jax import config as config_lib
+from ald_jax.system import errors
+from ald_jax.system import learner_driver as driver_lib
+
+from test_system_batcher import unroll
+
+
+class FakeSpec(NamedTuple):
+  distills: bool = True
+
+
+class FakeLearnerConfig(NamedTuple):
+  learner_memory: str = "cached"
+
+
+class FakeLearner(NamedTuple):
+  """The driver-facing surface of `learner.Learner`. State counts steps; an
+  update is non-finite when the batch's reward is NaN (combined) or when
+  `distill_nan` says so (distill-only); memory counts writes per stream."""
+  train_step: Callable[..., Any]
+  replay_distill_step: Callable[..., Any]
+  actor_params: Callable[[Any], Any]
+  init_memory: Callable[[int], Any]
+  init_replay: Callable[[int], Any]
+  uses_memory: bool
+  config: Any
+  spec: Any
+
+
+def fake_learner(distill_nan=lambda k: False, uses_memory=False):
+  calls = {"distill": 0, "warm": []}
+
+  def train_step(state, memory, replay, batch, warm):
+    calls["warm"].append(warm)
+    bad = jnp.any(jnp.isnan(batch.reward)).astype(jnp.float32)
+    if uses_memory:
+      memory = memory.at[batch.stream_id].add(1)
+    return ({"steps": state["steps"] + 1, "w": state["w"] + 1.0,
+             "distill": state["distill"]}, memory, replay,
+            {"nonfinite": bad, "loss": jnp.float32(2.5)})
+
+  def replay_distill_step(state, replay):
+    del replay
+    calls["distill"] += 1
+    bad = float(distill_nan(calls["distill"]))
+    return (dict(state, distill=state["distill"] + 1),
+            {"nonfinite": jnp.float32(bad)})
+
+  learner = FakeLearner(
+      train_step, replay_distill_step, lambda s: {"w": s["w"]},
+      init_memory=lambda n: jnp.zeros((n,), jnp.int32),
+      init_replay=lambda capacity: jnp.zeros(()), uses_memory=uses_memory,
+      config=FakeLearnerConfig(), spec=FakeSpec())
+  return learner, calls
+
+
+def train_config(**changes):
+  base = config_lib.TrainConfig(
+      learner=config_lib.LearnerConfig(batch_size=2), num_actors=1,
+      envs_per_actor=2, distill_steps_per_rl_step=0.5, replay_capacity=8,
+      max_consecutive_nonfinite=2)
+  return dataclasses.replace(base, **changes)
+
+
+def initial_state():
+  return {"steps": jnp.int32(0), "w": jnp.zeros(3), "distill": jnp.int32(0)}
+
+
+def test_counts_steps_distill_schedule_and_publishes_copies():
+  driver = driver_lib.LearnerDriver(fake_learner()[0], train_config(),
+                                    jax.devices()[0], initial_state())
+  results = [driver.train(unroll([0, 1], [k, k])) for k in range(4)]
+  # ratio 0.5: a distill-only step after every second combined step.
+  assert [r.distill_steps for r in results] == [0, 1, 0, 1]
+  assert all(r.applied for r in results)
+  assert driver.counters() == driver_lib.DriverCounters(4, 2, 0, 0, 0, 4)
+  assert driver.metrics() == {"nonfinite": 0.0, "loss": 2.5,
+                              "learner_warm_steps": 0.0,
+                              "learner_cold_steps": 4.0}
+  np.testing.assert_array_equal(driver.actor_params()["w"], [4, 4, 4])
+  state = driver.host_state()
+  assert int(state["steps"]) == 4 and int(state["distill"]) == 2
+  metadata = driver.checkpoint_metadata()
+  assert metadata["learner_steps"] == 4
+
+
+def test_restored_counters_continue():
+  driver = driver_lib.LearnerDriver(
+      fake_learner()[0], train_config(distill_steps_per_rl_step=0.0),
+      jax.devices()[0], initial_state(),
+      counters={"learner_steps": 7, "distill_steps": 3, "env_steps": 99})
+  driver.train(unroll([0, 1], [0, 0]))
+  assert driver.counters()[:4] == (8, 3, 0, 0)
+
+
+def test_nonfinite_combined_steps_skip_then_stop():
+  driver = driver_lib.LearnerDriver(
+      fake_learner()[0], train_config(distill_steps_per_rl_step=0.0),
+      jax.devices()[0], initial_state())
+  bad = unroll([0, 1], [0, 0])
+  bad = bad.replace(reward=np.full_like(bad.reward, np.nan))
+  assert not driver.train(bad).applied
+  assert driver.train(unroll([0, 1], [1, 1])).applied  # resets the run
+  assert not driver.train(bad).applied
+  with pytest.raises(errors.NonFiniteLossError, match="2 learner updates"):
+    driver.train(bad)
+  assert driver.counters().nonfinite_total == 3
+  assert driver.counters().learner_steps == 1
+
+
+def test_failed_distill_only_steps_are_counted():
+  driver = driver_lib.LearnerDriver(
+      fake_learner(distill_nan=lambda k: k % 2 == 0)[0],
+      train_config(distill_steps_per_rl_step=1.0), jax.devices()[0],
+      initial_state())
+  results = [driver.train(unroll([0, 1], [k, k])) for k in range(4)]
+  assert [r.distill_skipped for r in results] == [0, 1, 0, 1]
+  assert driver.counters().distill_steps == 2
+  assert driver.counters().distill_nonfinite_total == 2
+
+
+def test_cached_memory_goes_warm_after_each_streams_previous_unroll():
+  learner, calls = fake_learner(uses_memory=True)
+  driver = driver_lib.LearnerDriver(
+      learner, train_config(distill_steps_per_rl_step=0.0, envs_per_actor=2),
+      jax.devices()[0], initial_state())
+  for k in range(3):
+    driver.train(unroll([0, 1], [k, k]))
+  driver.train(unroll([0, 1], [0, 4]))   # a restart and a gap: cold
+  driver.train(unroll([0, 1], [1, 5]))
+  assert calls["warm"] == [False, True, True, False, True]
+  counters = driver.counters()
+  assert (counters.warm_steps, counters.cold_steps) == (3, 2)
