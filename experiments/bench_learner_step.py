@@ -7,6 +7,11 @@ Prints one JSON object, all measured in this run:
   gtrxl_b1_p50_us / _p99_us, gtrxl_b16_p50_us GTrXL step with its K/V cache
   gtrxl_over_lstm_b1                     the reason ALD exists
   learner_compile_s, learner_step_ms     combined ALD step, default B/T/context
+  learner_frames_per_s_cached / _recompute   trained T-step frames per second of
+                                         the combined step, warm (segment
+                                         memory) vs cold (context re-read)
+  distill_step_ms_stored / _recompute    a distill-only step from the device
+                                         replay, stored vs recomputed teacher
 
     python experiments/bench_learner_step.py [--iters 3000] [--learner_steps 20]
 """
@@ -66,6 +71,71 @@ def measure_learner(num_steps: int, obs_shape, num_actions) -> dict:
   }
 
 
+def _timed(fn, num_steps):
+  out = fn()   # compile
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(num_steps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def measure_memory_and_replay(num_steps: int, obs_shape, num_actions,
+                              config=None) -> dict:
+  """Warm vs cold combined steps and stored vs recomputed distill steps."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  config = config or config_lib.LearnerConfig()
+  out = {}
+  rng = np.random.default_rng(0)
+  device = jax.devices()[0]
+  for teacher in ("stored", "recompute"):
+    cfg = dataclasses.replace(config, distill=dataclasses.replace(
+        config.distill, teacher=teacher))
+    learner = learner_lib.make_learner(cfg, obs_shape, num_actions)
+    b = cfg.batch_size
+    batch = learner.example_batch(b)
+    batch = batch.replace(
+        observation=rng.normal(size=batch.observation.shape).astype(
+            np.float32),
+        reward=rng.normal(size=batch.reward.shape).astype(np.float32),
+        stream_id=np.arange(b, dtype=np.int32),
+        unroll_index=np.zeros(b, np.int32))
+    batch = jax.device_put(batch, device)
+    holder = {"state": learner.init(jax.random.PRNGKey(0), batch),
+              "memory": learner.init_memory(b),
+              "replay": learner.init_replay(max(256, b))}
+
+    def combined(warm):
+      def run():
+        (holder["state"], holder["memory"], holder["replay"],
+         metrics) = learner.train_step(holder["state"], holder["memory"],
+                                       holder["replay"], batch, warm=warm)
+        return metrics
+      return run
+
+    def distill():
+      holder["state"], metrics = learner.replay_distill_step(
+          holder["state"], holder["replay"])
+      return metrics
+
+    if teacher == "stored":
+      frames = b * cfg.unroll_length
+      out["learner_frames_per_s_recompute"] = round(
+          frames / _timed(combined(False), num_steps), 1)
+      out["learner_frames_per_s_cached"] = round(
+          frames / _timed(combined(True), num_steps), 1)
+      out["cached_over_recompute"] = round(
+          out["learner_frames_per_s_cached"] /
+          out["learner_frames_per_s_recompute"], 2)
+    else:
+      combined(False)()   # fill the replay
+    out[f"distill_step_ms_{teacher}"] = round(
+        _timed(distill, num_steps) * 1e3, 2)
+  return out
+
+
 def main(argv):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--iters", type=int, default=3000)
@@ -105,6 +175,8 @@ def main(argv):
   result["gtrxl_over_lstm_b1"] = round(
       result["gtrxl_b1_p50_us"] / result["lstm_b1_p50_us"], 1)
   result.update(measure_learner(args.learner_steps, obs_shape, num_actions))
+  result.update(measure_memory_and_replay(args.learner_steps, obs_shape,
+                                          num_actions))
   print(json.dumps(result, indent=1, default=str))
 
 

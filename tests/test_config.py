@@ -26,7 +26,7 @@ def test_several_bad_nested_configs_fail_at_construction():
     config_lib.TrainConfig(learner={"agent": "ald"})
 
 
-@pytest.mark.parametrize("value", [math.inf, math.nan, -1.0, "1", None])
+@pytest.mark.parametrize("value", [math.inf, math.nan, -1.0, "1"])
 def test_distill_ratio_must_be_finite_and_non_negative(value):
   with pytest.raises(config_lib.ConfigError,
                      match="^distill_steps_per_rl_step: "):
@@ -85,3 +85,13 @@ def test_unlimited_values_stay_allowed():
   # numpy scalars are numbers too.
   assert config_lib.LearnerConfig(discount=np.float32(0.5),
                                   batch_size=np.int64(4)).batch_size == 4
+
+
+@pytest.mark.parametrize("agent, ratio", [("ald", 1.0), ("lstm", 0.0),
+                                          ("transformer", 0.0),
+                                          ("asymmetric", 0.0)])
+def test_config_owns_the_distill_ratio_default(agent, ratio):
+  """None (the default) resolves per agent: only 'ald' has an actor to
+  distill into, so TrainConfig(learner=LearnerConfig(agent="lstm")) builds."""
+  cfg = config_lib.TrainConfig(learner=config_lib.LearnerConfig(agent=agent))
+  assert cfg.distill_steps_per_rl_step == ratio

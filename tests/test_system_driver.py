@@ -84,6 +84,7 @@ def test_counts_steps_distill_schedule_and_publishes_copies():
   assert all(r.applied for r in results)
   assert driver.counters() == driver_lib.DriverCounters(4, 2, 0, 0, 0, 4)
   assert driver.metrics() == {"nonfinite": 0.0, "loss": 2.5,
+                              "distill_only/nonfinite": 0.0,
                               "learner_warm_steps": 0.0,
                               "learner_cold_steps": 4.0}
   np.testing.assert_array_equal(driver.actor_params()["w"], [4, 4, 4])

@@ -39,7 +39,9 @@ def tiny_config(logdir, total_env_steps, resume=False):
       replay_capacity=32, queue_capacity=4, t_actor_budget_ms=1000.0,
       calibration_steps=5, report_interval_s=0.2,
       checkpoint_interval_s=3600.0, logdir=str(logdir), seed=SEED,
-      resume=resume)
+      resume=resume,
+      # Segment 2 runs to 2N: the budget is the one field allowed to change.
+      resume_allow_change=("total_env_steps",) if resume else ())
 
 
 class SeedRecordingIMaze:
