@@ -196,7 +196,46 @@ def _flatten_values(value: Any) -> list[Any]:
   return [value]
 
 
-class FlattenObservation(dm_env.Environment):
+class _ObservationWrapper(dm_env.Environment):
+  """Delegates everything to `self._env` but the observation, which
+  `_transform(timestep)` rewrites and `self._spec` describes."""
+  _env: dm_env.Environment
+  _spec: specs.Array
+
+  def _transform(self, timestep: dm_env.TimeStep) -> dm_env.TimeStep:
+    raise NotImplementedError
+
+  def reset(self) -> dm_env.TimeStep:
+    return self._transform(self._env.reset())
+
+  def step(self, action) -> dm_env.TimeStep:
+    return self._transform(self._env.step(action))
+
+  def observation_spec(self) -> specs.Array:
+    return self._spec
+
+  def action_spec(self):
+    return self._env.action_spec()
+
+  def reward_spec(self):
+    return self._env.reward_spec()
+
+  def discount_spec(self):
+    return self._env.discount_spec()
+
+  def episode_success(self) -> bool | None:
+    success = getattr(self._env, "episode_success", None)
+    return success() if callable(success) else None
+
+  def close(self) -> None:
+    self._env.close()
+
+  @property
+  def unwrapped(self) -> dm_env.Environment:
+    return self._env
+
+
+class FlattenObservation(_ObservationWrapper):
   """Flattens any (nested) numeric observation into one float32 vector.
 
   Dict entries are concatenated in sorted-key order, lists/tuples in order,
@@ -234,34 +273,7 @@ class FlattenObservation(dm_env.Environment):
                        f"{self._size}")
     return timestep._replace(observation=out)
 
-  def reset(self) -> dm_env.TimeStep:
-    return self._flatten(self._env.reset())
-
-  def step(self, action) -> dm_env.TimeStep:
-    return self._flatten(self._env.step(action))
-
-  def observation_spec(self) -> specs.Array:
-    return self._spec
-
-  def action_spec(self):
-    return self._env.action_spec()
-
-  def reward_spec(self):
-    return self._env.reward_spec()
-
-  def discount_spec(self):
-    return self._env.discount_spec()
-
-  def episode_success(self) -> bool | None:
-    success = getattr(self._env, "episode_success", None)
-    return success() if callable(success) else None
-
-  def close(self) -> None:
-    self._env.close()
-
-  @property
-  def unwrapped(self) -> dm_env.Environment:
-    return self._env
+  _transform = _flatten
 
 
 # -- AdaptObservation ----------------------------------------------------------
@@ -311,7 +323,7 @@ def select_entry(nested: Any, observation_key: str | int, what: str) -> Any:
       f"a dict, list or tuple")
 
 
-class AdaptObservation(dm_env.Environment):
+class AdaptObservation(_ObservationWrapper):
   """Selects one entry of a nested observation and/or scales observations.
 
   `observation_key` picks `observation[key]` from a dict (or `[index]` from a
@@ -356,31 +368,4 @@ class AdaptObservation(dm_env.Environment):
     obs = obs * np.float32(self._scale) if self._scale != 1.0 else obs.copy()
     return timestep._replace(observation=obs)
 
-  def reset(self) -> dm_env.TimeStep:
-    return self._adapt(self._env.reset())
-
-  def step(self, action) -> dm_env.TimeStep:
-    return self._adapt(self._env.step(action))
-
-  def observation_spec(self) -> specs.Array:
-    return self._spec
-
-  def action_spec(self):
-    return self._env.action_spec()
-
-  def reward_spec(self):
-    return self._env.reward_spec()
-
-  def discount_spec(self):
-    return self._env.discount_spec()
-
-  def episode_success(self) -> bool | None:
-    success = getattr(self._env, "episode_success", None)
-    return success() if callable(success) else None
-
-  def close(self) -> None:
-    self._env.close()
-
-  @property
-  def unwrapped(self) -> dm_env.Environment:
-    return self._env
+  _transform = _adapt
