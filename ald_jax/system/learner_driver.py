@@ -49,19 +49,24 @@ class StreamMemoryBook:
       raise ValueError(
           f"stream ids must be in [0, {self.num_streams}), got "
           f"[{stream_id.min()}, {stream_id.max()}]")
-    if np.unique(stream_id).size != stream_id.size:
-      raise ValueError("a batch must hold each stream at most once for the "
-                       "segment memory (see StreamBatcher)")
     return stream_id
 
   def is_warm(self, stream_id: np.ndarray, unroll_index: np.ndarray) -> bool:
     stream_id = self._check(stream_id)
     unroll_index = np.asarray(unroll_index)
-    return bool(np.all(unroll_index > 0) and
+    # A stream twice in one batch (the batcher's overflow fallback) cannot
+    # read one memory slot for two different unrolls.
+    return bool(np.unique(stream_id).size == stream_id.size and
+                np.all(unroll_index > 0) and
                 np.all(self._last[stream_id] == unroll_index - 1))
 
   def record(self, stream_id: np.ndarray, unroll_index: np.ndarray) -> None:
-    self._last[self._check(stream_id)] = unroll_index
+    """The memory of these streams now holds these unrolls. With a stream
+    twice in the batch, which write won is unknown: those go cold next."""
+    stream_id = self._check(stream_id)
+    self._last[stream_id] = unroll_index
+    unique, counts = np.unique(stream_id, return_counts=True)
+    self._last[unique[counts > 1]] = -2
 
   def forget(self, stream_id: np.ndarray) -> None:
     """The next unroll of these streams takes the cold path."""
