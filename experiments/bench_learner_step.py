@@ -13,9 +13,23 @@ Prints one JSON object, all measured in this run:
   distill_step_ms_stored / _recompute    a distill-only step from the device
                                          replay, stored vs recomputed teacher
 
+With --shape=large (the shape of a public Flax gated Transformer-XL we compare
+with: 4 layers, d=256, 8 heads, mlp 256, M=64, T=64, B=16, vector
+observations of 36), acting is skipped and it prints instead:
+  gtrxl_frames_per_s_cached / _recompute  that peer's workload: forward +
+                                         backward + Adam of the GTrXL
+                                         policy-value network alone
+                                         (cross-entropy policy loss, squared
+                                         value loss), trained T-step frames/s,
+                                         with segment memory vs re-reading M
+  learner_frames_per_s_cached / ...      the full ALD learner step at that
+                                         shape, as above
+
     python experiments/bench_learner_step.py [--iters 3000] [--learner_steps 20]
+    python experiments/bench_learner_step.py --shape=large
 """
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -27,10 +41,26 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_acting  # pylint: disable=wrong-import-position
 
 import jax  # pylint: disable=wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
+import optax  # pylint: disable=wrong-import-position
 
 from ald_jax import config as config_lib  # pylint: disable=wrong-import-position
 from ald_jax import learner as learner_lib  # pylint: disable=wrong-import-position
+from ald_jax.networks import gtrxl as gtrxl_lib  # pylint: disable=wrong-import-position
+from ald_jax.networks import policy_value  # pylint: disable=wrong-import-position
+from ald_jax.types import MID  # pylint: disable=wrong-import-position
+
+# The peer's shape (issue 7): vector observations of 36, 4 actions.
+LARGE_OBS_SHAPE, LARGE_NUM_ACTIONS = (36,), 4
+
+
+def large_learner_config() -> config_lib.LearnerConfig:
+  return config_lib.LearnerConfig(
+      unroll_length=64, learner_context=64, batch_size=16,
+      torso=config_lib.TorsoConfig(conv_channels=(), mlp_sizes=(256,)),
+      gtrxl=config_lib.GTrXLConfig(num_layers=4, d_model=256, num_heads=8,
+                                   mlp_size=256, memory_length=64))
 
 
 def measure_learner(num_steps: int, obs_shape, num_actions) -> dict:
@@ -85,7 +115,6 @@ def _timed(fn, num_steps):
 def measure_memory_and_replay(num_steps: int, obs_shape, num_actions,
                               config=None) -> dict:
   """Warm vs cold combined steps and stored vs recomputed distill steps."""
-  import dataclasses  # pylint: disable=import-outside-toplevel
   config = config or config_lib.LearnerConfig()
   out = {}
   rng = np.random.default_rng(0)
@@ -136,12 +165,104 @@ def measure_memory_and_replay(num_steps: int, obs_shape, num_actions,
   return out
 
 
+def measure_gtrxl_alone(num_steps: int, config: config_lib.LearnerConfig,
+                        obs_shape, num_actions) -> dict:
+  """The GTrXL policy-value net alone: CE + squared value loss, Adam.
+
+  Cached: each step attends to the previous step's per-layer inputs (M
+  steps, stop-gradient) and computes T positions, carrying its new memory
+  forward. Recompute: each step re-reads M context steps (M + T positions,
+  gradients through the last T only).
+  """
+  b, t, m = config.batch_size, config.unroll_length, config.gtrxl.memory_length
+  net = policy_value.GTrXLPolicyValueNet(config.torso, config.gtrxl,
+                                         num_actions, len(obs_shape))
+  rng = np.random.default_rng(0)
+  optimizer = optax.adam(3e-4)
+  out = {}
+  for variant, length in (("cached", t), ("recompute", m + t)):
+    obs = jnp.asarray(rng.normal(size=(b, length, *obs_shape)), jnp.float32)
+    step_type = jnp.full((b, length), MID, jnp.int32)
+    actions = jnp.asarray(rng.integers(num_actions, size=(b, t)), jnp.int32)
+    returns = jnp.asarray(rng.normal(size=(b, t)), jnp.float32)
+    memory = gtrxl_lib.empty_segment_memory(config.gtrxl, b)
+    memory = memory._replace(valid=jnp.ones_like(memory.valid))
+    num_memory_steps = length - t
+
+    def loss_fn(params, memory, obs=obs, step_type=step_type,
+                actions=actions, returns=returns,
+                num_memory_steps=num_memory_steps, cached=variant == "cached"):
+      output, layer_inputs = net.apply(
+          params, obs, step_type, num_memory_steps,
+          memory if cached else None, return_layer_inputs=True)
+      logits = output.logits[:, -t:]
+      values = output.value[:, -t:]
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, actions)
+      loss = jnp.mean(ce) + 0.5 * jnp.mean(jnp.square(values - returns))
+      return loss, layer_inputs[:, :, -m:]
+
+    @jax.jit
+    def train(params, opt_state, memory, loss_fn=loss_fn):
+      (loss, next_inputs), grads = jax.value_and_grad(
+          loss_fn, has_aux=True)(params, memory)
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      memory = memory._replace(inputs=jax.lax.stop_gradient(next_inputs))
+      return optax.apply_updates(params, updates), opt_state, memory, loss
+
+    params = net.init(jax.random.PRNGKey(0), obs, step_type)
+    holder = {"params": params, "opt": optimizer.init(params),
+              "memory": memory}
+
+    def run():
+      (holder["params"], holder["opt"], holder["memory"],
+       loss) = train(holder["params"], holder["opt"], holder["memory"])
+      return loss
+
+    out[f"gtrxl_frames_per_s_{variant}"] = round(
+        b * t / _timed(run, num_steps), 1)
+  out["gtrxl_cached_over_recompute"] = round(
+      out["gtrxl_frames_per_s_cached"] / out["gtrxl_frames_per_s_recompute"],
+      2)
+  return out
+
+
+def main_large(args) -> dict:
+  config = large_learner_config()
+  result = {
+      "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec="seconds"),
+      "machine": f"{platform.processor() or platform.machine()}, "
+                 f"{os.cpu_count()} cores",
+      "device": str(jax.devices()[0]),
+      "jax_version": jax.__version__,
+      "shape": "large",
+      "learner_config": {
+          "batch_size": config.batch_size,
+          "unroll_length": config.unroll_length,
+          "learner_context": config.learner_context,
+          "gtrxl": dataclasses.asdict(config.gtrxl),
+          "obs_shape": list(LARGE_OBS_SHAPE)},
+  }
+  result.update(measure_gtrxl_alone(args.learner_steps, config,
+                                    LARGE_OBS_SHAPE, LARGE_NUM_ACTIONS))
+  result.update(measure_memory_and_replay(args.learner_steps,
+                                          LARGE_OBS_SHAPE, LARGE_NUM_ACTIONS,
+                                          config=config))
+  return result
+
+
 def main(argv):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--iters", type=int, default=3000)
   parser.add_argument("--learner_steps", type=int, default=20)
   parser.add_argument("--core", type=int, default=None)
+  parser.add_argument("--shape", choices=("default", "large"),
+                      default="default")
   args = parser.parse_args(argv)
+  if args.shape == "large":
+    print(json.dumps(main_large(args), indent=1, default=str))
+    return
   bench_acting.configure_cpu_acting()   # before any other JAX work
   # Create JAX's CPU client (and XLA's worker pool) on this unpinned thread:
   # threads inherit the affinity of their creator, and the acting
