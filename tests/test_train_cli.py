@@ -140,3 +140,10 @@ def test_main_exit_codes_and_plot(monkeypatch, tmp_path, capsys):
   assert _main_with(monkeypatch, tmp_path, known_error) == 1
   err = capsys.readouterr().err
   assert "run failed: actor 1 stalled" in err and "Traceback" not in err
+
+
+def test_every_flag_and_config_field_appears_once():
+  names = [f.name for f in train.FLAG_TABLE]
+  fields = [f.path for f in train.FLAG_TABLE]
+  assert sorted({n for n in names if names.count(n) > 1}) == []
+  assert sorted({f for f in fields if fields.count(f) > 1}) == []
