@@ -50,15 +50,20 @@ _ENVS = flags.DEFINE_integer("envs_per_actor", 8, "Environments per actor.")
 _OUT = flags.DEFINE_string("out", "", "Also write the JSON here.")
 _ACTORS = flags.DEFINE_enum("actors", "threads", list(config_lib.ACTOR_MODES),
                             "Actor threads in this process or Ray processes.")
+_LEARNER_MEMORY = flags.DEFINE_enum(
+    "learner_memory", "cached", list(config_lib.LEARNER_MEMORIES),
+    "How the transformer reads history: segment memory or context re-read "
+    "(run both back to back to compare learner frames/s).")
 _ALONE_CALLS = flags.DEFINE_integer(
     "alone_calls", 5000, "Acting steps timed alone per agent.")
 
 
 def learner_config(agent: str, preset: str) -> config_lib.LearnerConfig:
   if preset == "default":
-    return config_lib.LearnerConfig(agent=agent)
+    return config_lib.LearnerConfig(agent=agent,
+                                    learner_memory=_LEARNER_MEMORY.value)
   return config_lib.LearnerConfig(
-      agent=agent, unroll_length=16, learner_context=16, batch_size=16,
+      agent=agent, learner_memory=_LEARNER_MEMORY.value, unroll_length=16, learner_context=16, batch_size=16,
       torso=config_lib.TorsoConfig(mlp_sizes=(64,)),
       lstm=config_lib.LSTMConfig(hidden_size=64),
       gtrxl=config_lib.GTrXLConfig(num_layers=2, d_model=64, num_heads=4,
@@ -152,6 +157,7 @@ def main(argv):
       "num_actors": _NUM_ACTORS.value,
       "envs_per_actor": _ENVS.value,
       "actors": _ACTORS.value,
+      "learner_memory": _LEARNER_MEMORY.value,
   }
   with tempfile.TemporaryDirectory() as workdir:
     for agent in _AGENTS.value:
