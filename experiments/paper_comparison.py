@@ -75,6 +75,7 @@ from ald_jax.envs import registry
 from ald_jax.system import errors
 from ald_jax.system import run as run_lib
 from ald_jax.system import run_dir as run_dir_lib
+from ald_jax.system import timing
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                            "results")
@@ -529,7 +530,9 @@ def run_grid(*, name: str, agents: Sequence[str], seeds: Sequence[int | str],
     trained.append(run.run_dir)
     try:
       result = train_fn(run.config(resume=status == "resume"))
-    except (errors.RunError, config_lib.ConfigError) as error:
+    except (errors.RunError, ValueError, timing.TActorBudgetError) as error:
+      # What `python -m ald_jax.train` reports as a failed run; the grid goes
+      # on, and the next invocation tries this run again.
       failed[run.run_dir] = f"{type(error).__name__}: {error}"
       _print(out, f"grid | {run.name}: failed: {error}")
       continue

@@ -19,6 +19,7 @@ import pytest
 from ald_jax import checkpoint as checkpoint_lib
 from ald_jax import metrics as metrics_lib
 from ald_jax.envs import cue_recall
+from ald_jax.system import errors
 from ald_jax.system import run as run_lib
 from ald_jax.system import run_dir as run_dir_lib
 from experiments import paper_comparison as pc
@@ -340,3 +341,81 @@ def test_summary_per_run_json_and_plot(grid):
   assert len(result.plot_paths) == 1
   with open(result.plot_paths[0], "rb") as f:
     assert f.read(8) == PNG_MAGIC
+
+
+# ---- bookkeeping with a stand-in for training (no JAX) ----------------------------
+
+class FakeTrain:
+  """train_fn that writes what a run leaves (config record, one metrics row,
+  a checkpoint directory) without training. `outcomes`: run_dir -> "fail"
+  (raises RunError), "wall_time" (stops at half the budget) or "budget"."""
+
+  def __init__(self, outcomes=None):
+    self.outcomes = dict(outcomes or {})
+    self.configs = []
+
+  def __call__(self, config):
+    self.configs.append(config)
+    outcome = self.outcomes.get(config.logdir, "budget")
+    if outcome == "fail":
+      raise errors.RunError("actor 1 failed")
+    steps = config.total_env_steps // (1 if outcome == "budget" else 2)
+    run_dir_lib.write_segment_config(
+        config.logdir, len(self.configs),
+        {"train": checkpoint_lib.to_jsonable(config)})
+    row = {"env_steps": steps, "wall_time_s": steps / 1000.0,
+           "success_rate": 0.9 + config.seed / 100, "episode_return": 0.5,
+           "stopped_by": outcome}
+    with metrics_lib.MetricsWriter(config.logdir, formats=("jsonl",),
+                                   resume=config.resume,
+                                   tensorboard=False) as writer:
+      writer.write(row)
+    os.makedirs(os.path.join(config.logdir, run_lib.CHECKPOINT_DIR,
+                             str(steps)), exist_ok=True)
+    return run_lib.RunResult(config.logdir, row, None, outcome)
+
+
+def _fake_grid(tmp_path, train, **changes):
+  kwargs = dict(GRID, name="fake", grid_dir=str(tmp_path / "runs"),
+                results_dir=str(tmp_path / "results"), train_fn=train,
+                out=io.StringIO())
+  kwargs.update(changes)
+  return pc.run_grid(**kwargs)
+
+
+def test_a_failed_run_is_reported_the_grid_goes_on_and_the_next_call_retries(
+    tmp_path):
+  runs = pc.plan_grid(grid_dir=str(tmp_path / "runs"), **GRID)
+  train = FakeTrain({runs[0].run_dir: "fail", runs[1].run_dir: "wall_time"})
+  result = _fake_grid(tmp_path, train)
+  assert result.trained == [r.run_dir for r in runs]
+  assert result.failed == {runs[0].run_dir: "RunError: actor 1 failed"}
+  assert not result.summary["complete"]
+  assert [(u["run_dir"], u["error"]) for u in result.summary["unfinished"]] == [
+      (runs[0].run_dir, "RunError: actor 1 failed"), (runs[1].run_dir, None)]
+  assert [r["run_dir"] for r in result.summary["runs"]] == [
+      r.run_dir for r in runs[2:]]
+  assert result.summary["runs"][0]["env_steps_to_threshold"] == TOTAL_ENV_STEPS
+  # Next call: the failed run starts again, the one stopped by its wall-time
+  # limit resumes, the finished ones are skipped.
+  again = FakeTrain()
+  result = _fake_grid(tmp_path, again)
+  assert [(c.logdir, c.resume) for c in again.configs] == [
+      (runs[0].run_dir, False), (runs[1].run_dir, True)]
+  assert result.summary["complete"] and not result.failed
+
+
+def test_a_larger_budget_extends_finished_runs_only_when_allowed(tmp_path):
+  runs = pc.plan_grid(grid_dir=str(tmp_path / "runs"), **GRID)
+  _fake_grid(tmp_path, FakeTrain())
+  larger = tuple(f for f in TINY_FLAGS if not f.startswith("--total_env_steps"))
+  larger += ("--total_env_steps=3000",)
+  with pytest.raises(pc.GridError, match=(
+      "(?s)resume: .*total_env_steps.*stored 1500, now 3000")):
+    _fake_grid(tmp_path, FakeTrain(), train_flags=larger)
+  extend = FakeTrain()
+  result = _fake_grid(tmp_path, extend, train_flags=larger + (
+      "--resume_allow_change=total_env_steps",))
+  assert [(c.logdir, c.resume, c.total_env_steps) for c in extend.configs] == [
+      (r.run_dir, True, 3000) for r in runs]
+  assert [r["final_env_steps"] for r in result.summary["runs"]] == [3000] * 4
