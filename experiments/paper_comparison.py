@@ -396,6 +396,7 @@ def run_record(run: GridRun, threshold: float,
       "t_actor_p50_us": _last(rows, metrics_lib.T_ACTOR_P50),
       "t_actor_p99_us": _last(rows, metrics_lib.T_ACTOR_P99),
       "stopped_by": last.get("stopped_by"),
+      "actors": run.config().actors,   # the engine: threads or processes
       "run_dir": run.run_dir,
   }
 
@@ -514,7 +515,8 @@ def run_grid(*, name: str, agents: Sequence[str], seeds: Sequence[int | str],
   trained, failed, interrupted = [], {}, None
   durations: list[float] = []
   for index, run in enumerate(runs):
-    status = statuses[run.run_dir]
+    # Again now: another process may have finished or started it meanwhile.
+    status = statuses[run.run_dir] = run_status(run)
     remaining = sum(statuses[r.run_dir] != "finished" for r in runs[index:])
     eta = (f", about {_duration(remaining * sum(durations) / len(durations))}"
            " left" if durations else "")

@@ -327,6 +327,7 @@ def test_summary_per_run_json_and_plot(grid):
     assert (record["agent"], record["seed"], record["knobs"]) == (
         run.agent, run.seed, {})
     assert record["task"] == {"env": "cue_recall", "kwargs": {"span": 2}}
+    assert record["actors"] == "threads"  # the runs' default engine
     # Values as read back from the run's own metrics rows.
     rows = metrics_lib.read_metrics(run.run_dir)
     assert record["final_success"] == [
