@@ -178,7 +178,9 @@ FLAG_TABLE = (
 _BY_PATH = {f.path: f for f in FLAG_TABLE}
 
 
-def _get_path(obj: Any, path: str) -> Any:
+def get_path(obj: Any, path: str) -> Any:
+  """The value at a dotted config path, e.g. `get_path(config,
+  "learner.lstm.hidden_size")` (a flag's `FLAG_TABLE` path)."""
   for part in path.split("."):
     obj = getattr(obj, part)
   return obj
@@ -193,7 +195,7 @@ def _default(flag: _Flag) -> Any:
     return ""
   if flag.name == "logdir":
     return ""  # a fresh timestamped directory per run
-  value = _get_path(_DEFAULT, flag.path)
+  value = get_path(_DEFAULT, flag.path)
   if flag.kind == "ints":
     return ",".join(str(v) for v in value)
   return value

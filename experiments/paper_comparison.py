@@ -284,17 +284,18 @@ def plan_grid(*, agents: Sequence[str], seeds: Sequence[int | str], env: str,
   for seed, setting, knob_setting, agent in itertools.product(
       seeds, settings, knob_settings, agents):
     kwargs = tuple(sorted(setting.items()))
-    knob_argv = [f"--{name}={value}" for name, value in knob_setting]
-    argv = (list(train_flags) + [
+    argv = list(train_flags) + [
         f"--env={env}", f"--env_kwargs={json.dumps(dict(kwargs))}",
-        f"--agent={agent}", f"--seed={seed}"] + knob_argv)
-    what = " ".join(part for part in (
-        agent, f"seed {seed}", env, _label(kwargs), _label(knob_setting))
-                    if part)
-    config = _build_config(argv + ["--logdir=."], what,
-                           "--knobs_grid" if knob_setting else "run flags")
+        f"--agent={agent}", f"--seed={seed}"]
+    what = " ".join(part for part in (agent, f"seed {seed}", env,
+                                      _label(kwargs)) if part)
+    # The run flags alone first, so an error names the right grid flag.
+    _build_config(argv + ["--logdir=."], what, "run flags")
+    argv += [f"--{name}={value}" for name, value in knob_setting]
+    config = _build_config(argv + ["--logdir=."],
+                           f"{what} {_label(knob_setting)}", "--knobs_grid")
     # Knob values as the run's config reads them (e.g. "4" -> 4.0).
-    knob_values = tuple((name, _get_path(config, _FLAG_PATHS[name]))
+    knob_values = tuple((name, train_lib.get_path(config, _FLAG_PATHS[name]))
                         for name, _ in knob_setting)
     run = GridRun(agent=agent, seed=seed, env=env, env_kwargs=kwargs,
                   knobs=knob_values, run_dir="", argv=())
@@ -309,12 +310,6 @@ def plan_grid(*, agents: Sequence[str], seeds: Sequence[int | str], env: str,
     runs.append(dataclasses.replace(
         run, run_dir=run_dir, argv=tuple(argv + [f"--logdir={run_dir}"])))
   return runs
-
-
-def _get_path(obj: Any, path: str) -> Any:
-  for part in path.split("."):
-    obj = getattr(obj, part)
-  return obj
 
 
 # ---- the state of a run directory -----------------------------------------------

@@ -122,6 +122,10 @@ def test_plan_is_the_full_product_with_knobs_in_each_config(tmp_path):
     (dict(train_flags=TINY_FLAGS + ("--lstm_hidden_size=0",)),
      "--lstm_hidden_size: must be a positive integer"),
     (dict(train_flags=("--no_such_flag=1",)), "run flags: .*no_such_flag"),
+    # A bad run flag is named as one even when knobs vary.
+    (dict(knobs_grid="learner_pull_cost=0,1",
+          train_flags=TINY_FLAGS + ("--lstm_hidden_size=0",)),
+     "^run flags: ald seed 1 cue_recall span=2: --lstm_hidden_size"),
     (dict(name="a/b"), "--name:"),
     (dict(threshold=float("nan")), "--threshold:"),
     (dict(threshold_metric="loss"), "--threshold_metric:"),
