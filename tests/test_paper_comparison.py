@@ -12,6 +12,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -424,3 +426,21 @@ def test_a_larger_budget_extends_finished_runs_only_when_allowed(tmp_path):
   assert [(c.logdir, c.resume, c.total_env_steps) for c in extend.configs] == [
       (r.run_dir, True, 3000) for r in runs]
   assert [r["final_env_steps"] for r in result.summary["runs"]] == [3000] * 4
+
+
+def test_command_line_dry_run_and_a_bad_flag(tmp_path):
+  script = os.path.join(os.path.dirname(pc.__file__), "paper_comparison.py")
+  common = [sys.executable, script, "--agents=ald,lstm", "--seeds=1,2",
+            "--env=cue_recall", "--env_kwargs_grid=span=2",
+            f"--grid_dir={tmp_path}", *TINY_FLAGS]
+  done = subprocess.run(common + ["--dry_run"], capture_output=True,
+                        text=True, check=False)
+  assert done.returncode == 0, done.stderr
+  planned = pc.plan_grid(grid_dir=str(tmp_path), **GRID)
+  assert done.stdout.split() == [
+      word for run in planned for word in ("new", run.run_dir)]
+  done = subprocess.run(common + ["--knobs_grid=learner_pull_cost=x"],
+                        capture_output=True, text=True, check=False)
+  assert done.returncode == 2
+  assert "error: --knobs_grid: ald seed 1" in done.stderr
+  assert os.listdir(tmp_path) == []  # nothing started
