@@ -27,8 +27,11 @@ setuptools.setup(
         # rlax is a test-only oracle: at runtime it would drag in distrax and TFP.
         # tensorboardX in "test" too: `make` installs .[test] and the metrics
         # tests read its event files back.
+        # nbclient/nbformat/ipykernel: tests/test_notebook.py executes the Colab
+        # notebook in a kernel, so a broken notebook fails the suite.
         "test": ["pytest>=8", "pytest-timeout>=2.3", "rlax>=0.1.6", "gymnasium>=1.0",
-                 "tensorboardX>=2.6"],
+                 "tensorboardX>=2.6", "nbclient>=0.10", "nbformat>=5.10",
+                 "ipykernel>=6.29"],
         "gymnasium": ["gymnasium>=1.0"],
         # TensorBoard scalars from MetricsWriter (writes event files; no TF).
         "tensorboard": ["tensorboardX>=2.6"],

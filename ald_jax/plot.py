@@ -5,6 +5,8 @@
 One figure, four panels: episode return and success rate, each against env
 steps and against wall-clock time; one curve per run, labelled by its agent
 (the metrics rows' `agent`, else `config.json`, else the directory name).
+`plot_seed_bands` draws the same panels for groups of runs (e.g. one agent's
+seeds): the mean over the group as a line and its min-max as a band.
 """
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ import argparse
 import json
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -69,29 +72,13 @@ def _series(rows: Sequence[dict[str, Any]], x_key: str,
   return xs, ys
 
 
-def plot_runs(run_dirs: Sequence[str | os.PathLike],
-              out_path: str | os.PathLike, title: str | None = None) -> str:
-  """Writes the 2x2 curves PNG for `run_dirs` to `out_path`; returns it."""
-  if not run_dirs:
-    raise ValueError("plot_runs needs at least one run directory")
-  runs = []
-  for run_dir in map(os.fspath, run_dirs):
-    rows = metrics.read_metrics(run_dir)
-    runs.append((run_dir, run_label(run_dir, rows), rows))
-  labels = [label for _, label, _ in runs]
-  # Same agent twice (e.g. two seeds): disambiguate with the directory name.
-  runs = [(d, f"{label} ({os.path.basename(os.path.normpath(d))})"
-           if labels.count(label) > 1 else label, rows)
-          for d, label, rows in runs]
-
+def _draw_figure(draw_panel: Callable[[Any, str, str], bool],
+                 out_path: str | os.PathLike, title: str | None) -> str:
+  """The 2x2 figure of `_PANELS`: `draw_panel(ax, y_key, x_key)` draws one
+  panel's curves and says whether it drew any. Writes the PNG; returns it."""
   fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), squeeze=False)
   for ax, (y_key, x_key, y_name, x_name) in zip(axes.flat, _PANELS):
-    plotted = False
-    for _, label, rows in runs:
-      xs, ys = _series(rows, x_key, y_key)
-      if xs:
-        ax.plot(xs, ys, label=label)
-        plotted = True
+    plotted = draw_panel(ax, y_key, x_key)
     ax.set_xlabel(x_name)
     ax.set_ylabel(y_name)
     ax.grid(alpha=0.3)
@@ -108,6 +95,90 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike],
   fig.savefig(out_path, dpi=100)
   plt.close(fig)
   return out_path
+
+
+def plot_runs(run_dirs: Sequence[str | os.PathLike],
+              out_path: str | os.PathLike, title: str | None = None) -> str:
+  """Writes the 2x2 curves PNG for `run_dirs` to `out_path`; returns it."""
+  if not run_dirs:
+    raise ValueError("plot_runs needs at least one run directory")
+  runs = []
+  for run_dir in map(os.fspath, run_dirs):
+    rows = metrics.read_metrics(run_dir)
+    runs.append((run_dir, run_label(run_dir, rows), rows))
+  labels = [label for _, label, _ in runs]
+  # Same agent twice (e.g. two seeds): disambiguate with the directory name.
+  runs = [(d, f"{label} ({os.path.basename(os.path.normpath(d))})"
+           if labels.count(label) > 1 else label, rows)
+          for d, label, rows in runs]
+
+  def draw_panel(ax, y_key: str, x_key: str) -> bool:
+    plotted = False
+    for _, label, rows in runs:
+      xs, ys = _series(rows, x_key, y_key)
+      if xs:
+        ax.plot(xs, ys, label=label)
+        plotted = True
+    return plotted
+
+  return _draw_figure(draw_panel, out_path, title)
+
+
+class SeedBand(NamedTuple):
+  """Curves of several seeds on one x grid: their mean, min and max."""
+  x: np.ndarray
+  mean: np.ndarray
+  low: np.ndarray
+  high: np.ndarray
+
+
+def seed_band(curves: Sequence[tuple[Sequence[float], Sequence[float]]],
+              num_points: int = 200) -> SeedBand | None:
+  """Mean and min-max band of `(xs, ys)` curves (one per seed, xs rising).
+
+  Each curve is linearly interpolated onto `num_points` x values spanning
+  the range every curve covers (so each point averages all seeds). None
+  when a curve is empty or the curves share no x range.
+  """
+  if not curves or any(len(xs) == 0 for xs, _ in curves):
+    return None
+  start = max(float(xs[0]) for xs, _ in curves)
+  stop = min(float(xs[-1]) for xs, _ in curves)
+  if stop < start:
+    return None
+  x = np.linspace(start, stop, num_points if stop > start else 1)
+  ys = np.stack([np.interp(x, np.asarray(xs, float), np.asarray(ys, float))
+                 for xs, ys in curves])
+  return SeedBand(x, ys.mean(axis=0), ys.min(axis=0), ys.max(axis=0))
+
+
+def plot_seed_bands(groups: Mapping[str, Sequence[str | os.PathLike]],
+                    out_path: str | os.PathLike, title: str | None = None,
+                    num_points: int = 200) -> str:
+  """The 2x2 curves PNG with one colour per group (e.g. an agent): the mean
+  over the group's run directories (its seeds) as a line, their min-max as
+  a shaded band. Writes `out_path`; returns it."""
+  if not groups:
+    raise ValueError("plot_seed_bands needs at least one group of runs")
+  rows_by_group = {label: [metrics.read_metrics(os.fspath(d)) for d in dirs]
+                   for label, dirs in groups.items()}
+
+  def draw_panel(ax, y_key: str, x_key: str) -> bool:
+    plotted = False
+    for index, (label, runs) in enumerate(rows_by_group.items()):
+      band = seed_band([_series(rows, x_key, y_key) for rows in runs],
+                       num_points)
+      if band is None:
+        continue
+      color = f"C{index}"  # fixed per group across all four panels
+      ax.plot(band.x, band.mean, color=color,
+              label=f"{label} (mean of {len(runs)})")
+      ax.fill_between(band.x, band.low, band.high, color=color, alpha=0.2,
+                      linewidth=0)
+      plotted = True
+    return plotted
+
+  return _draw_figure(draw_panel, out_path, title)
 
 
 def main(argv: Sequence[str] | None = None) -> str:

@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 import types as pytypes
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 from absl import app
 from absl import flags
@@ -174,7 +174,9 @@ FLAG_TABLE = (
 _BY_PATH = {f.path: f for f in FLAG_TABLE}
 
 
-def _get_path(obj: Any, path: str) -> Any:
+def get_path(obj: Any, path: str) -> Any:
+  """The value at a dotted config path, e.g. `get_path(config,
+  "learner.lstm.hidden_size")` (a flag's `FLAG_TABLE` path)."""
   for part in path.split("."):
     obj = getattr(obj, part)
   return obj
@@ -189,7 +191,7 @@ def _default(flag: _Flag) -> Any:
     return ""
   if flag.name == "logdir":
     return ""  # a fresh timestamped directory per run
-  value = _get_path(_DEFAULT, flag.path)
+  value = get_path(_DEFAULT, flag.path)
   if flag.kind == "ints":
     return ",".join(str(v) for v in value)
   return value
@@ -285,6 +287,26 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS
     raise app.UsageError(_name_flag(str(error))) from None
 
 
+def config_from_argv(argv: Sequence[str]) -> config_lib.TrainConfig:
+  """A TrainConfig from run flags, e.g. `["--agent=lstm", "--seed=2"]`.
+
+  The flags are parsed into their own FlagValues (the global FLAGS are left
+  alone), so a program can build many configs. Raises app.UsageError naming
+  the flag for an unknown flag, a bad value or a positional argument.
+  """
+  if isinstance(argv, str):
+    raise TypeError(f"argv must be a sequence of flags, got the string {argv!r}")
+  flag_values = flags.FlagValues()
+  define_flags(flag_values)
+  try:
+    rest = flag_values(["ald_jax.train", *argv])
+  except flags.Error as error:
+    raise app.UsageError(str(error)) from None
+  if len(rest) > 1:
+    raise app.UsageError(f"unexpected arguments: {rest[1:]}")
+  return config_from_flags(flag_values)
+
+
 def _name_flag(message: str) -> str:
   """Rewrites 'learner.gtrxl.num_layers: ...' as '--gtrxl_num_layers: ...'."""
   field, _, rest = message.partition(": ")
@@ -306,6 +328,12 @@ class _QuietLibraries(std_logging.Filter):
   def filter(self, record: std_logging.LogRecord) -> bool:
     return (record.levelno >= std_logging.WARNING
             or "orbax" not in record.pathname)
+
+
+def configure_logging() -> None:
+  """INFO progress logging, without orbax's per-save lines (the CLI's)."""
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
 def exit_status(stopped_by: str) -> int:
@@ -336,8 +364,7 @@ def main(argv) -> int:
     print(f"error: {error}\n(python -m ald_jax.train --helpfull lists the "
           "flags)", file=sys.stderr)
     return 2
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  configure_logging()
   from ald_jax.system import run  # pylint: disable=import-outside-toplevel
   from ald_jax.system import timing  # pylint: disable=import-outside-toplevel
   from ald_jax.system import errors  # pylint: disable=import-outside-toplevel

@@ -100,3 +100,56 @@ def test_cli_writes_png(tmp_path):
 def test_missing_metrics_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="metrics"):
     plot.plot_runs([tmp_path], tmp_path / "x.png")
+
+
+def test_seed_band_interpolates_over_the_shared_range():
+  # Seed a: y = x / 10 on [0, 10]; seed b: y = x / 20 on [0, 20]. Shared
+  # range [0, 10]; at x = 5: a 0.5, b 0.25 -> mean 0.375, min 0.25, max 0.5.
+  band = plot.seed_band([([0.0, 10.0], [0.0, 1.0]),
+                         ([0.0, 20.0], [0.0, 1.0])], num_points=3)
+  np.testing.assert_allclose(band.x, [0.0, 5.0, 10.0])
+  np.testing.assert_allclose(band.mean, [0.0, 0.375, 0.75])
+  np.testing.assert_allclose(band.low, [0.0, 0.25, 0.5])
+  np.testing.assert_allclose(band.high, [0.0, 0.5, 1.0])
+
+
+def test_seed_band_without_a_shared_range_is_none():
+  assert plot.seed_band([([0.0, 1.0], [0.0, 1.0]), ([], [])]) is None
+  assert plot.seed_band([([0.0, 1.0], [0.0, 1.0]),
+                         ([2.0, 3.0], [0.0, 1.0])]) is None
+  assert plot.seed_band([]) is None
+  one = plot.seed_band([([4.0], [0.5]), ([4.0], [0.7])])
+  np.testing.assert_allclose([one.x, one.mean, one.low, one.high],
+                             [[4.0], [0.6], [0.5], [0.7]])
+
+
+def test_plot_seed_bands_draws_one_mean_and_band_per_group(tmp_path,
+                                                           monkeypatch):
+  means, bands = [], []
+  original_plot = matplotlib.axes.Axes.plot
+  original_fill = matplotlib.axes.Axes.fill_between
+
+  def spy_plot(self, xs, ys, **kwargs):
+    means.append((kwargs.get("label"), kwargs.get("color"), list(ys)))
+    return original_plot(self, xs, ys, **kwargs)
+
+  def spy_fill(self, xs, low, high, **kwargs):
+    bands.append((kwargs.get("color"), list(low), list(high)))
+    return original_fill(self, xs, low, high, **kwargs)
+
+  monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy_plot)
+  monkeypatch.setattr(matplotlib.axes.Axes, "fill_between", spy_fill)
+  # Two "ald" seeds (success 0.2 i and 0.2 i) and one "lstm" seed.
+  groups = {"ald": [_run_dir(tmp_path / "a1"), _run_dir(tmp_path / "a2")],
+            "lstm": [_run_dir(tmp_path / "l1", n=3)]}
+  out = plot.plot_seed_bands(groups, tmp_path / "bands.png", num_points=5)
+  _assert_curves_drawn(out, num_runs=2)
+  assert len(means) == len(bands) == 4 * 2  # four panels x two groups
+  assert {(label, color) for label, color, _ in means} == {
+      ("ald (mean of 2)", "C0"), ("lstm (mean of 1)", "C1")}
+  # ald's success vs env steps: both seeds 0.2 i at x = 1000 (i + 1), so the
+  # mean and the band are the same line 0, 0.2, ..., 0.8 on 5 points.
+  assert ("ald (mean of 2)", "C0", pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8])
+          ) in means
+  with pytest.raises(ValueError, match="at least one group"):
+    plot.plot_seed_bands({}, tmp_path / "none.png")
