@@ -29,7 +29,10 @@ setuptools.setup(
         # tests read its event files back.
         # nbclient/nbformat/ipykernel: tests/test_notebook.py executes the Colab
         # notebook in a kernel, so a broken notebook fails the suite.
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "rlax>=0.1.6", "gymnasium>=1.0",
+        # pytest-xdist: `make test` runs two workers; most of the suite's time
+        # is XLA compiling learner variants, which is single-threaded.
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.6",
+                 "rlax>=0.1.6", "gymnasium>=1.0",
                  "tensorboardX>=2.6", "nbclient>=0.10", "nbformat>=5.10",
                  "ipykernel>=6.29"],
         "gymnasium": ["gymnasium>=1.0"],
