@@ -13,7 +13,8 @@ API_MD = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "api.md")
 # module -> the public names docs/api.md must document (extend per module).
 DOCUMENTED = {
     envs: envs.__all__,
-    metrics: ["MetricsWriter", "tensorboard_available", "read_metrics",
+    metrics: ["MetricsWriter", "tensorboard_available",
+              "write_tensorboard_image", "read_metrics",
               "EpisodeWindow", "RateMeter", "format_progress"],
 }
 
