@@ -452,6 +452,11 @@ def test_sigterm_during_a_checkpoint_write_ends_cleanly_with_128_plus_15(
   rows = metrics_lib.read_metrics(logdir)
   assert rows[-1]["stopped_by"] == "signal:SIGTERM"
   assert rows[-1]["learner_steps"] == writing  # no step after the signal
+  if metrics_lib.tensorboard_available():  # the CLI's curves, as an image
+    import test_metrics  # pylint: disable=import-outside-toplevel
+    assert [(v.tag, event.step) for event in test_metrics._events(logdir)  # pylint: disable=protected-access
+            for v in event.summary.value if v.HasField("image")] == [
+                ("curves", rows[-1]["env_steps"])]
   _, stored = checkpoint.read_latest_metadata(logdir / run.CHECKPOINT_DIR)
   # --resume loads it: with the budget set to its env steps the resumed run
   # has nothing left to do and reports the restored counters.
