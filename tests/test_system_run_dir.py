@@ -4,6 +4,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -336,4 +337,34 @@ def test_a_resume_with_a_changed_learning_rate_is_refused_by_the_run(
   assert {name: (tmp_path / name).read_text()
           for name in ("config.0.json", "config.json")} == before
   assert not (tmp_path / "config.1.json").exists()
+  assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_resume_into_a_changed_model_names_the_mismatched_leaves(tmp_path):
+  """An allowed config change that changes a parameter's shape is refused
+  at restore, naming each leaf (no traceback from deep inside orbax)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from ald_jax import learner as learner_lib  # pylint: disable=import-outside-toplevel
+  from ald_jax.envs import imaze  # pylint: disable=import-outside-toplevel
+  from ald_jax.system import run  # pylint: disable=import-outside-toplevel
+  from test_system_run import tiny_run  # pylint: disable=import-outside-toplevel
+  first = tiny_run(tmp_path, agent="lstm")
+  env = imaze.IMaze(seed=0)
+  learner = learner_lib.make_learner(first.learner,
+                                     env.observation_spec().shape,
+                                     env.action_spec().num_values)
+  state = learner.init(jax.random.PRNGKey(0), learner.example_batch(8))
+  with checkpoint.Checkpointer(tmp_path / run.CHECKPOINT_DIR) as ckpt:
+    ckpt.save(1, jax.device_get(state),
+              {"learner_steps": 1, "env_steps": 64, "config": first})
+  wider = dataclasses.replace(
+      first, resume=True, resume_allow_change=("lstm",),
+      learner=dataclasses.replace(
+          first.learner, lstm=config_lib.LSTMConfig(hidden_size=16)))
+  with pytest.raises(checkpoint.CheckpointMismatchError) as info:
+    run.train(wider)
+  message = str(info.value)
+  assert "was the model, optimizer or agent config changed?" in message
+  assert re.search(r"\n  learner_params/net/params/head/\S+/kernel: stored "
+                   r"float32\[32, \d+\], target float32\[16, \d+\]", message)
   assert not (tmp_path / "metrics.jsonl").exists()
