@@ -318,15 +318,20 @@ def test_second_sigint_ends_the_process_at_once(tmp_path):
 # ---- a signal or kill -9 while a checkpoint is being written -----------------
 
 # The CLI in a child process, its checkpoint saves slowed at a controlled
-# point: the `block_at`-th save of a step > 0 stops inside orbax (its
-# `<step>.orbax-checkpoint-tmp` directory exists) and prints "writing
-# checkpoint N". With `then=release` it goes on once a stop signal has been
-# handled; with `then=hold` it never does (the test kills the process).
+# point inside orbax (the step's `<step>.orbax-checkpoint-tmp` directory
+# exists), where it prints "writing checkpoint N":
+#   then=release: the `block_at`-th save of a step > 0 waits there until a
+#     stop signal has been handled, then completes;
+#   then=hold: that save never completes (the test kills the process);
+#   then=second: once a save of a step > 0 has completed, the next learner
+#     step ends with a SIGTERM to itself; the save that follows (a step no
+#     checkpoint has yet) never completes (the test sends the second signal).
 SAVE_FAULT_SCRIPT = textwrap.dedent("""
-    import os, sys, threading
+    import os, signal, sys, threading
     import orbax.checkpoint as ocp
     from absl import app
     from ald_jax import train
+    from ald_jax.system import learner_driver
     from ald_jax.system import run
 
     block_at, then = int(sys.argv[1]), sys.argv[2]
@@ -339,22 +344,35 @@ SAVE_FAULT_SCRIPT = textwrap.dedent("""
     run._StopSignals._handle = observed_handle
 
     json_save = ocp.handlers.JsonCheckpointHandler.async_save
-    steps = []
+    started, written = [], []
 
     async def slowed_save(self, directory, item=None, args=None):
-      step = (getattr(args, "item", None) or {{}}).get("learner_steps", 0)
+      step = (getattr(args, "item", None) or {}).get("learner_steps", 0)
       if step > 0:
-        steps.append(step)
-        if len(steps) == {block_at}:
-          print(f"writing checkpoint {{step}}", flush=True)
-          if then == "hold":
+        started.append(step)
+        if (handled.is_set() if then == "second"
+            else len(started) == block_at):
+          print(f"writing checkpoint {step}", flush=True)
+          if then in ("hold", "second"):
             threading.Event().wait()
           if not handled.wait(120):
             print("no stop signal within 120 s", flush=True)
             os._exit(3)
           print("the write goes on", flush=True)
-      return await json_save(self, directory, item, args)
+      result = await json_save(self, directory, item, args)
+      if step > 0:
+        written.append(step)
+      return result
     ocp.handlers.JsonCheckpointHandler.async_save = slowed_save
+
+    learner_train = learner_driver.LearnerDriver.train
+
+    def train_then_stop(self, batch):
+      result = learner_train(self, batch)
+      if then == "second" and written and not handled.is_set():
+        os.kill(os.getpid(), signal.SIGTERM)
+      return result
+    learner_driver.LearnerDriver.train = train_then_stop
 
     train.define_flags()
     app.run(train.main, argv=["ald_jax.train"] + sys.argv[3:])
@@ -383,13 +401,12 @@ def _cli_config(logdir, *flags_argv):
 class SaveFaultChild:
   """The CLI run of SAVE_FAULT_SCRIPT; stdout and stderr in `lines`."""
 
-  def __init__(self, logdir, block_at: int, then: str):
+  def __init__(self, logdir, then: str, block_at: int = 0):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(run.__file__)))
     env = dict(os.environ, PYTHONPATH=os.path.dirname(repo),
                JAX_PLATFORMS="cpu")
-    script = SAVE_FAULT_SCRIPT.format(block_at=block_at)
     self.proc = subprocess.Popen(
-        [sys.executable, "-c", script, str(block_at), then,
+        [sys.executable, "-c", SAVE_FAULT_SCRIPT, str(block_at), then,
          *TINY_LSTM_FLAGS, "--total_env_steps=100000000", f"--logdir={logdir}"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     self.lines: list[str] = []
@@ -434,7 +451,7 @@ def test_sigterm_during_a_checkpoint_write_ends_cleanly_with_128_plus_15(
   import signal  # pylint: disable=import-outside-toplevel
   from ald_jax import checkpoint  # pylint: disable=import-outside-toplevel
   logdir = tmp_path / "run"
-  child = SaveFaultChild(logdir, block_at=2, then="release")
+  child = SaveFaultChild(logdir, "release", block_at=2)
   try:
     writing = child.wait_for_write()
     child.proc.send_signal(signal.SIGTERM)
@@ -478,7 +495,7 @@ def test_kill_9_during_a_runs_checkpoint_write_then_resume_continues(
   import signal  # pylint: disable=import-outside-toplevel
   from ald_jax import checkpoint  # pylint: disable=import-outside-toplevel
   logdir = tmp_path / "run"
-  child = SaveFaultChild(logdir, block_at=2, then="hold")
+  child = SaveFaultChild(logdir, "hold", block_at=2)
   try:
     writing = child.wait_for_write()
     child.proc.kill()
@@ -514,3 +531,42 @@ def test_kill_9_during_a_runs_checkpoint_write_then_resume_continues(
   segments = [json.loads((logdir / f"config.{n}.json").read_text())
               for n in (0, 1)]
   assert [c["train"]["total_env_steps"] for c in segments] == [10**8, budget]
+
+
+@pytest.mark.timeout(240)
+def test_a_second_sigterm_during_the_final_checkpoint_write_exits_at_once(
+    tmp_path):
+  """The first SIGTERM starts the stop; the second, while the final
+  checkpoint is being written, ends the process with 143 at once: that
+  write is lost (only its tmp directory is left), the previous complete
+  checkpoint is the newest, the metrics rows written so far are intact,
+  and --resume loads that checkpoint."""
+  import signal  # pylint: disable=import-outside-toplevel
+  from ald_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  logdir = tmp_path / "run"
+  child = SaveFaultChild(logdir, "second")
+  try:
+    writing = child.wait_for_write()
+    child.proc.send_signal(signal.SIGTERM)
+    status = child.finish()
+  finally:
+    child.kill()
+  output = child.output()
+  assert status == 128 + signal.SIGTERM, output
+  assert "second signal (SIGTERM): exiting now" in output
+  assert "run directory:" not in output  # main never returned
+  names = _checkpoint_names(logdir)
+  assert str(writing) not in names
+  assert [n for n in names
+          if n.startswith(f"{writing}{checkpoint.TMP_DIR_MARKER}")], names
+  previous, stored = checkpoint.read_latest_metadata(
+      logdir / run.CHECKPOINT_DIR)
+  assert 0 < previous < writing
+  rows = metrics_lib.read_metrics(logdir)  # every line whole (flushed)
+  assert rows and not any(row.get("stopped_by") for row in rows)
+  resumed = run.train(_cli_config(
+      logdir, "--resume", "--resume_allow_change=total_env_steps",
+      f"--total_env_steps={stored['env_steps']}"))
+  assert resumed.final_row["learner_steps"] == previous
+  assert not [n for n in _checkpoint_names(logdir)
+              if checkpoint.TMP_DIR_MARKER in n]
