@@ -9,6 +9,8 @@ tensorboardX): `MetricsWriter` also writes every finite numeric entry of
 every row as a scalar, tagged with its metric name, at step `env_steps`, to
 an event file in the run directory (`tensorboard --logdir runs/`). JSONL/CSV
 stay the source of truth (plots and resume read them).
+`write_tensorboard_image` adds a PNG (the CLI's end-of-run `curves.png`) to
+the run's Images tab.
 """
 from __future__ import annotations
 
@@ -156,6 +158,46 @@ def tensorboard_available() -> bool:
   return True
 
 
+def _event_file_suffix(run_dir: str, name: str = "") -> str:
+  """Event file names hold the time in whole seconds: a suffix numbered by
+  the files already there keeps a quick second writer (a resume, the curves)
+  from overwriting an earlier file."""
+  previous = [f for f in os.listdir(run_dir) if "tfevents" in f]
+  return f"{name}.{len(previous):03d}"
+
+
+def write_tensorboard_image(run_dir: str | os.PathLike, tag: str,
+                            png_path: str | os.PathLike,
+                            step: int | None = None) -> None:
+  """Adds a PNG (e.g. the learning curves) to TensorBoard's Images tab of
+  the run in `run_dir`, in an event file of its own beside the scalars'.
+
+  `step` defaults to the `env_steps` of the run's last metrics row (0
+  without rows). Needs tensorboardX (ImportError naming the extra).
+  """
+  if not tensorboard_available():
+    raise ImportError(f"write_tensorboard_image needs tensorboardX, which is "
+                      f"not installed: {TENSORBOARD_INSTALL_HINT}")
+  import tensorboardX  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top (matplotlib's)
+  run_dir = os.fspath(run_dir)
+  os.makedirs(run_dir, exist_ok=True)
+  if step is None:
+    try:
+      rows = read_metrics(run_dir)
+    except FileNotFoundError:
+      rows = []
+    step = int(rows[-1].get(ENV_STEPS) or 0) if rows else 0
+  with Image.open(os.fspath(png_path)) as image:
+    pixels = np.asarray(image.convert("RGB"))
+  writer = tensorboardX.SummaryWriter(
+      run_dir, filename_suffix=_event_file_suffix(run_dir, "." + tag))
+  try:
+    writer.add_image(tag, pixels, global_step=int(step), dataformats="HWC")
+  finally:
+    writer.close()
+
+
 def _scalars(row: Mapping[str, Any]) -> dict[str, float]:
   """The finite numeric entries of a cleaned row (strings and nulls skipped)."""
   return {k: float(v) for k, v in row.items()
@@ -218,7 +260,6 @@ class MetricsWriter:
     self._csv_writer = None
     self._csv_fields: list[str] = []
     self._rows_written = 0
-    self._last_step = 0
     self._tensorboard = None
     if tensorboard is None:
       tensorboard = available
@@ -230,12 +271,9 @@ class MetricsWriter:
       purge_step = None
       if resume and keep_until and keep_until[0] == ENV_STEPS:
         purge_step = int(keep_until[1]) + 1
-      # Event file names hold the time in whole seconds; a numbered suffix
-      # keeps a quick resume from overwriting the previous segment's file.
-      previous = [f for f in os.listdir(self.run_dir) if "tfevents" in f]
       self._tensorboard = tensorboardX.SummaryWriter(
           self.run_dir, purge_step=purge_step,
-          filename_suffix=f".{len(previous):03d}")
+          filename_suffix=_event_file_suffix(self.run_dir))
       logging.info("TensorBoard scalars on: %s (tensorboard --logdir %s)",
                    self.run_dir, self.run_dir)
 
@@ -316,24 +354,9 @@ class MetricsWriter:
     step = row.get(ENV_STEPS)
     if not isinstance(step, (int, float)) or isinstance(step, bool):
       step = self._rows_written
-    self._last_step = int(step)
     for tag, value in _scalars(row).items():
-      self._tensorboard.add_scalar(tag, value, global_step=self._last_step)
+      self._tensorboard.add_scalar(tag, value, global_step=int(step))
     self._tensorboard.flush()
-
-  def write_image(self, tag: str, png_path: str | os.PathLike) -> bool:
-    """Adds a PNG (e.g. the learning curves) to TensorBoard's Images tab at
-    the last row's step. Returns False (and does nothing) when TensorBoard
-    is off."""
-    if self._tensorboard is None:
-      return False
-    from PIL import Image  # pylint: disable=g-import-not-at-top (matplotlib's)
-    with Image.open(os.fspath(png_path)) as image:
-      pixels = np.asarray(image.convert("RGB"))
-    self._tensorboard.add_image(tag, pixels, global_step=self._last_step,
-                                dataformats="HWC")
-    self._tensorboard.flush()
-    return True
 
   @property
   def tensorboard(self) -> bool:

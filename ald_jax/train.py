@@ -149,8 +149,9 @@ FLAG_TABLE = (
           "With --resume: comma-separated flags or config fields allowed to "
           "differ from the stored config (e.g. total_env_steps)."),
     _Flag("tensorboard", "tensorboard", "bool",
-          "Write TensorBoard scalars into the run directory (needs "
-          "tensorboardX: pip install 'ald_jax[tensorboard]')."),
+          "Write TensorBoard scalars (every metrics row) and the end-of-run "
+          "curves image into the run directory (when tensorboardX is "
+          "installed: pip install 'ald_jax[tensorboard]')."),
     _Flag("max_consecutive_nonfinite", "max_consecutive_nonfinite", "int",
           "Stop after this many NaN/inf updates in a row (each is skipped)."),
     _Flag("max_wall_time_s", "max_wall_time_s", "float",
@@ -344,12 +345,20 @@ def exit_status(stopped_by: str) -> int:
   return 0
 
 
-def _plot(run_dir: str) -> None:
-  """Draws <run_dir>/curves.png; a failure is logged, never raised."""
+def _plot(run_dir: str, tensorboard: bool) -> None:
+  """Draws <run_dir>/curves.png and, with `tensorboard` (`--tensorboard`)
+  and tensorboardX installed, adds it to the run's TensorBoard images (the
+  run's metrics writer is closed by now: the image gets its own event file).
+  A failure is logged, never raised."""
+  from ald_jax import metrics  # pylint: disable=import-outside-toplevel
   from ald_jax import plot  # pylint: disable=import-outside-toplevel
   try:
-    if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-      plot.plot_runs([run_dir], os.path.join(run_dir, "curves.png"))
+    if not os.path.exists(os.path.join(run_dir, metrics.JSONL_NAME)):
+      return
+    png = os.path.join(run_dir, plot.DEFAULT_NAME)
+    plot.plot_runs([run_dir], png)
+    if tensorboard and metrics.tensorboard_available():
+      metrics.write_tensorboard_image(run_dir, "curves", png)
   except Exception:  # pylint: disable=broad-except
     logging.exception("plotting %s failed", run_dir)
 
@@ -381,9 +390,9 @@ def main(argv) -> int:
     print(f"run failed: {error}", file=sys.stderr)
     if error.cause_traceback:
       print(error.cause_traceback, file=sys.stderr)
-    _plot(os.path.abspath(config.logdir))
+    _plot(os.path.abspath(config.logdir), config.tensorboard)
     return 1
-  _plot(result.run_dir)
+  _plot(result.run_dir, config.tensorboard)
   if result.stuck_actors:
     print(f"actors still running at exit: {', '.join(result.stuck_actors)}",
           file=sys.stderr)

@@ -1,19 +1,33 @@
-"""docs/api.md documents every public name, with every parameter."""
+"""docs/api.md documents every public name, with every parameter (for a
+NamedTuple or dataclass: every field)."""
 import inspect
 import os
 import re
 
 import pytest
 
+from ald_jax import config
 from ald_jax import envs
+from ald_jax import learner
 from ald_jax import metrics
+from ald_jax import train
+from ald_jax import types
+from ald_jax.system import run
 
 API_MD = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "api.md")
 
 # module -> the public names docs/api.md must document (extend per module).
 DOCUMENTED = {
+    learner: ["make_learner", "Learner", "LearnerState", "ActorCore"],
+    types: ["Batch"],
+    train: ["train"],
+    run: ["RunResult"],
+    config: ["TrainConfig", "LearnerConfig", "TorsoConfig", "LSTMConfig",
+             "GTrXLConfig", "VMPOConfig", "VTraceConfig", "DistillConfig",
+             "OptimizerConfig", "ConfigError"],
     envs: envs.__all__,
-    metrics: ["MetricsWriter", "tensorboard_available", "read_metrics",
+    metrics: ["MetricsWriter", "tensorboard_available",
+              "write_tensorboard_image", "read_metrics",
               "EpisodeWindow", "RateMeter", "format_progress"],
 }
 

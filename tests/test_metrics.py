@@ -1,10 +1,12 @@
 """MetricsWriter (JSONL/CSV, resume), episode window, progress line."""
 import csv
+import io
 import json
 import math
 import os
 import struct
 import sys
+from typing import Any
 
 import numpy as np
 import pytest
@@ -194,17 +196,39 @@ def test_tensorboard_default_follows_availability(tmp_path, monkeypatch):
     metrics.MetricsWriter(tmp_path / "bad", tensorboard="yes")
 
 
-def test_tensorboard_image_from_png(tmp_path):
+def _images(run_dir) -> list[tuple[str, int, Any]]:
+  """(tag, step, image summary) of every image in the run's event files."""
+  return [(value.tag, event.step, value.image) for event in _events(run_dir)
+          for value in event.summary.value if value.HasField("image")]
+
+
+def test_tensorboard_image_from_png_beside_the_scalars(tmp_path):
   pytest.importorskip("tensorboardX")
   from PIL import Image  # pylint: disable=g-import-not-at-top
   png = tmp_path / "curves.png"
   Image.new("RGB", (6, 4), (255, 0, 0)).save(png)
-  with metrics.MetricsWriter(tmp_path / "run", tensorboard=True) as writer:
-    writer.write(_rows(1)[0])
-    assert writer.write_image("curves", png)
-  with metrics.MetricsWriter(tmp_path / "off", tensorboard=False) as writer:
-    assert not writer.write_image("curves", png)
-  images = [(event.step, v.image) for event in _events(tmp_path / "run")
-            for v in event.summary.value if v.HasField("image")]
-  ((step, image),) = images
-  assert step == 100 and (image.width, image.height) == (6, 4)
+  run_dir = tmp_path / "run"
+  with metrics.MetricsWriter(run_dir, tensorboard=True) as writer:
+    for row in _rows(2):
+      writer.write(row)
+  # After the writer closed (as the CLI does at the end of a run): the
+  # image goes into an event file of its own, at the last row's step.
+  metrics.write_tensorboard_image(run_dir, "curves", png)
+  metrics.write_tensorboard_image(run_dir, "curves", png, step=7)
+  assert len([f for f in os.listdir(run_dir) if "tfevents" in f]) == 3
+  (tag, step, image), (_, other_step, _) = _images(run_dir)
+  assert (tag, step, other_step) == ("curves", 200, 7)
+  assert (image.width, image.height, image.colorspace) == (6, 4, 3)
+  decoded = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)))
+  assert (decoded == [255, 0, 0]).all()
+  assert _read_tensorboard_scalars(run_dir)["env_steps"] == {100: 100,
+                                                            200: 200}
+  # Without rows the image is at step 0; without tensorboardX it refuses.
+  metrics.write_tensorboard_image(tmp_path / "empty", "curves", png)
+  assert [step for _, step, _ in _images(tmp_path / "empty")] == [0]
+
+
+def test_tensorboard_image_needs_tensorboardx(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "tensorboardX", None)
+  with pytest.raises(ImportError, match=r"ald_jax\[tensorboard\]"):
+    metrics.write_tensorboard_image(tmp_path, "curves", tmp_path / "x.png")

@@ -4,6 +4,7 @@ Bounds are pytest timeouts, never timing assertions; waits are on events.
 """
 import errno
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -312,3 +313,260 @@ def test_second_sigint_ends_the_process_at_once(tmp_path):
   assert proc.returncode == 128 + signal.SIGINT, output
   assert "second signal (SIGINT): exiting now" in output
   assert "train returned" not in output
+
+
+# ---- a signal or kill -9 while a checkpoint is being written -----------------
+
+# The CLI in a child process, its checkpoint saves slowed at a controlled
+# point inside orbax (the step's `<step>.orbax-checkpoint-tmp` directory
+# exists), where it prints "writing checkpoint N":
+#   then=release: the `block_at`-th save of a step > 0 waits there until a
+#     stop signal has been handled, then completes;
+#   then=hold: that save never completes (the test kills the process);
+#   then=second: once a save of a step > 0 has completed, the next learner
+#     step ends with a SIGTERM to itself; the save that follows (a step no
+#     checkpoint has yet) never completes (the test sends the second signal).
+SAVE_FAULT_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, threading
+    import orbax.checkpoint as ocp
+    from absl import app
+    from ald_jax import train
+    from ald_jax.system import learner_driver
+    from ald_jax.system import run
+
+    block_at, then = int(sys.argv[1]), sys.argv[2]
+    handled = threading.Event()
+    handle = run._StopSignals._handle
+
+    def observed_handle(self, signum, frame):
+      handle(self, signum, frame)  # the stop request first
+      handled.set()
+    run._StopSignals._handle = observed_handle
+
+    json_save = ocp.handlers.JsonCheckpointHandler.async_save
+    started, written = [], []
+
+    async def slowed_save(self, directory, item=None, args=None):
+      step = (getattr(args, "item", None) or {}).get("learner_steps", 0)
+      if step > 0:
+        started.append(step)
+        if (handled.is_set() if then == "second"
+            else len(started) == block_at):
+          print(f"writing checkpoint {step}", flush=True)
+          if then in ("hold", "second"):
+            threading.Event().wait()
+          if not handled.wait(120):
+            print("no stop signal within 120 s", flush=True)
+            os._exit(3)
+          print("the write goes on", flush=True)
+      result = await json_save(self, directory, item, args)
+      if step > 0:
+        written.append(step)
+      return result
+    ocp.handlers.JsonCheckpointHandler.async_save = slowed_save
+
+    learner_train = learner_driver.LearnerDriver.train
+
+    def train_then_stop(self, batch):
+      result = learner_train(self, batch)
+      if then == "second" and written and not handled.is_set():
+        os.kill(os.getpid(), signal.SIGTERM)
+      return result
+    learner_driver.LearnerDriver.train = train_then_stop
+
+    train.define_flags()
+    app.run(train.main, argv=["ald_jax.train"] + sys.argv[3:])
+""")
+
+# tiny_run(agent="lstm") as flags, saving a checkpoint every second.
+TINY_LSTM_FLAGS = (
+    "--agent=lstm", "--unroll_length=8", "--learner_context=8",
+    "--batch_size=8", "--torso_mlp_sizes=32", "--lstm_hidden_size=32",
+    "--num_actors=2", "--envs_per_actor=4", "--replay_capacity=64",
+    "--queue_capacity=4", "--t_actor_budget_ms=1000",
+    "--report_interval_s=0.5", "--checkpoint_interval_s=1", "--seed=1",
+    "--actor_stall_s=0")
+
+
+def _cli_config(logdir, *flags_argv):
+  """The TrainConfig the CLI builds from TINY_LSTM_FLAGS and `flags_argv`."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ald_jax import train as train_cli  # pylint: disable=import-outside-toplevel
+  flag_values = flags.FlagValues()
+  train_cli.define_flags(flag_values)
+  flag_values(["prog", *TINY_LSTM_FLAGS, f"--logdir={logdir}", *flags_argv])
+  return train_cli.config_from_flags(flag_values)
+
+
+class SaveFaultChild:
+  """The CLI run of SAVE_FAULT_SCRIPT; stdout and stderr in `lines`."""
+
+  def __init__(self, logdir, then: str, block_at: int = 0):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(run.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(repo),
+               JAX_PLATFORMS="cpu")
+    self.proc = subprocess.Popen(
+        [sys.executable, "-c", SAVE_FAULT_SCRIPT, str(block_at), then,
+         *TINY_LSTM_FLAGS, "--total_env_steps=100000000", f"--logdir={logdir}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    self.lines: list[str] = []
+
+  def wait_for_write(self) -> int:
+    """Blocks until the slowed save is in flight; returns its step."""
+    for line in self.proc.stdout:
+      self.lines.append(line)
+      if line.startswith("writing checkpoint "):
+        return int(line.split()[-1])
+    raise AssertionError("the child ended before the slowed save:\n"
+                         + self.output())
+
+  def finish(self, timeout_s: float = 120) -> int:
+    rest, _ = self.proc.communicate(timeout=timeout_s)
+    self.lines.append(rest)
+    return self.proc.returncode
+
+  def output(self) -> str:
+    return "".join(self.lines)[-6000:]
+
+  def kill(self) -> None:
+    if self.proc.poll() is None:
+      self.proc.kill()
+      self.proc.communicate(timeout=60)
+
+
+def _checkpoint_names(logdir) -> list[str]:
+  return sorted(os.listdir(os.path.join(logdir, run.CHECKPOINT_DIR)))
+
+
+def _steps_on_disk(logdir) -> list[int]:
+  return sorted(int(n) for n in _checkpoint_names(logdir) if n.isdigit())
+
+
+@pytest.mark.timeout(240)
+def test_sigterm_during_a_checkpoint_write_ends_cleanly_with_128_plus_15(
+    tmp_path):
+  """SIGTERM while a periodic save is in flight: the save completes, the
+  run stops (no half-written step), the CLI exits 143, and --resume loads
+  the checkpoint that was being written."""
+  import signal  # pylint: disable=import-outside-toplevel
+  from ald_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  logdir = tmp_path / "run"
+  child = SaveFaultChild(logdir, "release", block_at=2)
+  try:
+    writing = child.wait_for_write()
+    child.proc.send_signal(signal.SIGTERM)
+    status = child.finish()
+  finally:
+    child.kill()
+  output = child.output()
+  assert status == 128 + signal.SIGTERM, output
+  assert "the write goes on" in output
+  assert "(stopped by signal:SIGTERM)" in output
+  # The step being written is complete and the newest; nothing half-written.
+  assert not [n for n in _checkpoint_names(logdir)
+              if checkpoint.TMP_DIR_MARKER in n], _checkpoint_names(logdir)
+  assert _steps_on_disk(logdir)[-1] == writing
+  rows = metrics_lib.read_metrics(logdir)
+  assert rows[-1]["stopped_by"] == "signal:SIGTERM"
+  assert rows[-1]["learner_steps"] == writing  # no step after the signal
+  if metrics_lib.tensorboard_available():  # the CLI's curves, as an image
+    import test_metrics  # pylint: disable=import-outside-toplevel
+    assert [(v.tag, event.step) for event in test_metrics._events(logdir)  # pylint: disable=protected-access
+            for v in event.summary.value if v.HasField("image")] == [
+                ("curves", rows[-1]["env_steps"])]
+  _, stored = checkpoint.read_latest_metadata(logdir / run.CHECKPOINT_DIR)
+  # --resume loads it: with the budget set to its env steps the resumed run
+  # has nothing left to do and reports the restored counters.
+  resumed = run.train(_cli_config(
+      logdir, "--resume", "--resume_allow_change=total_env_steps",
+      f"--total_env_steps={stored['env_steps']}"))
+  assert resumed.stopped_by == "budget"
+  assert resumed.final_row["learner_steps"] == writing
+  assert int(resumed.state.step) == writing
+  assert resumed.final_row["env_steps"] == stored["env_steps"]
+
+
+@pytest.mark.timeout(300)
+def test_kill_9_during_a_runs_checkpoint_write_then_resume_continues(
+    tmp_path):
+  """SIGKILL while a save is in flight leaves only its tmp directory; the
+  resumed run removes it, loads the previous checkpoint and its counters
+  continue from there."""
+  import signal  # pylint: disable=import-outside-toplevel
+  from ald_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  logdir = tmp_path / "run"
+  child = SaveFaultChild(logdir, "hold", block_at=2)
+  try:
+    writing = child.wait_for_write()
+    child.proc.kill()
+    status = child.finish()
+  finally:
+    child.kill()
+  assert status == -signal.SIGKILL, child.output()
+  names = _checkpoint_names(logdir)
+  assert str(writing) not in names
+  assert [n for n in names
+          if n.startswith(f"{writing}{checkpoint.TMP_DIR_MARKER}")], names
+  previous, stored = checkpoint.read_latest_metadata(
+      logdir / run.CHECKPOINT_DIR)
+  assert 0 < previous < writing and stored["learner_steps"] == previous
+  budget = stored["env_steps"] + 512
+  resumed = run.train(_cli_config(
+      logdir, "--resume", "--resume_allow_change=total_env_steps",
+      f"--total_env_steps={budget}"))
+  assert resumed.stopped_by == "budget"
+  assert not [n for n in _checkpoint_names(logdir)
+              if checkpoint.TMP_DIR_MARKER in n]
+  # The counters continue from the previous checkpoint's.
+  step, latest = checkpoint.read_latest_metadata(logdir / run.CHECKPOINT_DIR)
+  assert latest["segment"] == stored["segment"] + 1
+  assert step == resumed.final_row["learner_steps"] > previous
+  assert resumed.final_row["env_steps"] >= budget
+  rows = metrics_lib.read_metrics(logdir)
+  resumed_rows = [r for r in rows if r["env_steps"] > stored["env_steps"]]
+  assert resumed_rows and all(r["learner_steps"] >= previous
+                              for r in resumed_rows)
+  assert [r["env_steps"] for r in rows] == sorted(r["env_steps"] for r in rows)
+  # Each segment's config is kept.
+  segments = [json.loads((logdir / f"config.{n}.json").read_text())
+              for n in (0, 1)]
+  assert [c["train"]["total_env_steps"] for c in segments] == [10**8, budget]
+
+
+@pytest.mark.timeout(240)
+def test_a_second_sigterm_during_the_final_checkpoint_write_exits_at_once(
+    tmp_path):
+  """The first SIGTERM starts the stop; the second, while the final
+  checkpoint is being written, ends the process with 143 at once: that
+  write is lost (only its tmp directory is left), the previous complete
+  checkpoint is the newest, the metrics rows written so far are intact,
+  and --resume loads that checkpoint."""
+  import signal  # pylint: disable=import-outside-toplevel
+  from ald_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  logdir = tmp_path / "run"
+  child = SaveFaultChild(logdir, "second")
+  try:
+    writing = child.wait_for_write()
+    child.proc.send_signal(signal.SIGTERM)
+    status = child.finish()
+  finally:
+    child.kill()
+  output = child.output()
+  assert status == 128 + signal.SIGTERM, output
+  assert "second signal (SIGTERM): exiting now" in output
+  assert "run directory:" not in output  # main never returned
+  names = _checkpoint_names(logdir)
+  assert str(writing) not in names
+  assert [n for n in names
+          if n.startswith(f"{writing}{checkpoint.TMP_DIR_MARKER}")], names
+  previous, stored = checkpoint.read_latest_metadata(
+      logdir / run.CHECKPOINT_DIR)
+  assert 0 < previous < writing
+  rows = metrics_lib.read_metrics(logdir)  # every line whole (flushed)
+  assert rows and not any(row.get("stopped_by") for row in rows)
+  resumed = run.train(_cli_config(
+      logdir, "--resume", "--resume_allow_change=total_env_steps",
+      f"--total_env_steps={stored['env_steps']}"))
+  assert resumed.final_row["learner_steps"] == previous
+  assert not [n for n in _checkpoint_names(logdir)
+              if checkpoint.TMP_DIR_MARKER in n]

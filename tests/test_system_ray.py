@@ -96,11 +96,16 @@ def test_killed_process_restarts_then_the_limit_stops_the_run(
 
 class HangingIMaze:
   """Factory of I-Maze environments that block forever after 20 steps
-  (pickled by value: actor processes cannot import this test module)."""
+  (pickled by value: actor processes cannot import this test module). With
+  `marker_dir`, a hanging environment first creates `hung.<pid>` there."""
+
+  def __init__(self, marker_dir: str = ""):
+    self.marker_dir = marker_dir
 
   def __call__(self, seed):
     import threading as threading_lib  # pylint: disable=import-outside-toplevel,reimported
     from ald_jax.envs import imaze  # pylint: disable=import-outside-toplevel
+    marker_dir = self.marker_dir
 
     class Env(imaze.IMaze):
       steps = 0
@@ -108,6 +113,8 @@ class HangingIMaze:
       def step(self, action):
         self.steps += 1
         if self.steps > 20:
+          if marker_dir:
+            open(os.path.join(marker_dir, f"hung.{os.getpid()}"), "w").close()
           threading_lib.Event().wait()  # hangs
         return super().step(action)
     return Env(seed=seed)
@@ -123,6 +130,35 @@ def test_stalled_process_is_restarted_then_the_limit_stops_the_run(tmp_path):
   with pytest.raises(errors.ActorRestartLimitError,
                      match=r"its last failure: stalled: no environment step"):
     run.train(config, env_factory=HangingIMaze())
+  assert not ray.is_initialized()
+
+
+@pytest.mark.timeout(300)
+def test_hanging_env_in_processes_stops_at_the_wall_time_limit_leaving_nothing(
+    tmp_path, monkeypatch):
+  """No stall limit: the run stops at its wall-time limit although the actor
+  processes hang in their environments, and no process is left running.
+
+  The loop's clock jumps past the limit once an environment has hung, so
+  the limit falls while the actors hang whatever the machine's speed."""
+  import sys  # pylint: disable=import-outside-toplevel
+  from ray import cloudpickle  # pylint: disable=import-outside-toplevel
+  cloudpickle.register_pickle_by_value(sys.modules[__name__])
+  hook = RowHook(monkeypatch, lambda pool, row: None)
+  markers = tmp_path / "hung"
+  markers.mkdir()
+  limit_s = 3600.0
+  elapsed_s = loop_lib.LearnerLoop.elapsed_s
+  monkeypatch.setattr(
+      loop_lib.LearnerLoop, "elapsed_s",
+      lambda loop: elapsed_s(loop) + (limit_s if os.listdir(markers) else 0))
+  config = process_run(tmp_path / "run", total_env_steps=10**8,
+                       actor_stall_s=0.0, max_wall_time_s=limit_s)
+  result = run.train(config, env_factory=HangingIMaze(str(markers)))
+  assert result.stopped_by == "wall_time"
+  assert result.stuck_actors == ()  # hung processes are killed
+  pids = hook.pools[0].actor_pids()
+  assert len(pids) == 2 and not [p for p in pids if ray_pool.process_alive(p)]
   assert not ray.is_initialized()
 
 

@@ -57,6 +57,12 @@ def test_each_agent_runs_and_writes_outputs(tmp_path, agent):
              os.listdir(os.path.join(result.run_dir, run.CHECKPOINT_DIR)))
   if agent == "ald":
     assert result.final_row["distill_steps"] > 0
+  if metrics_lib.tensorboard_available():
+    # The same rows as TensorBoard scalars in the run directory.
+    import test_metrics  # pylint: disable=import-outside-toplevel
+    scalars = test_metrics._read_tensorboard_scalars(result.run_dir)  # pylint: disable=protected-access
+    assert scalars["learner_steps"] == {
+        row["env_steps"]: row["learner_steps"] for row in rows}
   assert not actor_threads_alive()
 
 

@@ -4,6 +4,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -289,3 +290,81 @@ def test_a_forked_child_holding_the_lock_is_named_as_such(tmp_path):
     fcntl.flock(f, fcntl.LOCK_EX)
   with run_dir_lib.RunDirLock(directory):
     pass
+
+
+# ---- the same, through a run ------------------------------------------------
+
+@pytest.mark.timeout(120)
+def test_a_run_on_a_locked_directory_is_refused_before_touching_it(tmp_path):
+  from ald_jax.system import run  # pylint: disable=import-outside-toplevel
+  from test_system_run import tiny_run  # pylint: disable=import-outside-toplevel
+  directory = tmp_path / "run"
+  holder = _start_holder(tmp_path, directory)
+  try:
+    with pytest.raises(run_dir_lib.RunDirLockedError,
+                       match=f"pid {holder.pid}"):
+      run.train(tiny_run(directory, agent="lstm"))
+    assert os.listdir(directory) == [run_dir_lib.LOCK_NAME]
+    assert run_dir_lib.read_lock_holder(directory) == holder.pid
+  finally:
+    holder.kill()
+    holder.wait(timeout=60)
+    holder.stdin.close()
+    holder.stdout.close()
+
+
+def test_a_resume_with_a_changed_learning_rate_is_refused_by_the_run(
+    tmp_path):
+  """The run compares the newest checkpoint's config before building
+  anything, and leaves the stored config files as they were."""
+  from ald_jax.system import run  # pylint: disable=import-outside-toplevel
+  from test_system_run import tiny_run  # pylint: disable=import-outside-toplevel
+  first = tiny_run(tmp_path, agent="lstm")
+  run_dir_lib.write_segment_config(tmp_path, 0, {"train": first})
+  with checkpoint.Checkpointer(tmp_path / run.CHECKPOINT_DIR) as ckpt:
+    ckpt.save(4, {"w": np.zeros(2, np.float32)},
+              {"learner_steps": 4, "env_steps": 256, "config": first})
+  before = {name: (tmp_path / name).read_text()
+            for name in ("config.0.json", "config.json")}
+  learner = dataclasses.replace(
+      first.learner, learner_optimizer=config_lib.OptimizerConfig(
+          learning_rate=1e-3))
+  changed = dataclasses.replace(first, learner=learner, resume=True)
+  with pytest.raises(config_lib.ConfigError,
+                     match=rf"resume: .*\n  {LR_PATH}: stored 0.0003, "
+                           r"now 0.001\n"):
+    run.train(changed)
+  assert {name: (tmp_path / name).read_text()
+          for name in ("config.0.json", "config.json")} == before
+  assert not (tmp_path / "config.1.json").exists()
+  assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_resume_into_a_changed_model_names_the_mismatched_leaves(tmp_path):
+  """An allowed config change that changes a parameter's shape is refused
+  at restore, naming each leaf (no traceback from deep inside orbax)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from ald_jax import learner as learner_lib  # pylint: disable=import-outside-toplevel
+  from ald_jax.envs import imaze  # pylint: disable=import-outside-toplevel
+  from ald_jax.system import run  # pylint: disable=import-outside-toplevel
+  from test_system_run import tiny_run  # pylint: disable=import-outside-toplevel
+  first = tiny_run(tmp_path, agent="lstm")
+  env = imaze.IMaze(seed=0)
+  learner = learner_lib.make_learner(first.learner,
+                                     env.observation_spec().shape,
+                                     env.action_spec().num_values)
+  state = learner.init(jax.random.PRNGKey(0), learner.example_batch(8))
+  with checkpoint.Checkpointer(tmp_path / run.CHECKPOINT_DIR) as ckpt:
+    ckpt.save(1, jax.device_get(state),
+              {"learner_steps": 1, "env_steps": 64, "config": first})
+  wider = dataclasses.replace(
+      first, resume=True, resume_allow_change=("lstm",),
+      learner=dataclasses.replace(
+          first.learner, lstm=config_lib.LSTMConfig(hidden_size=16)))
+  with pytest.raises(checkpoint.CheckpointMismatchError) as info:
+    run.train(wider)
+  message = str(info.value)
+  assert "was the model, optimizer or agent config changed?" in message
+  assert re.search(r"\n  learner_params/net/params/head/\S+/kernel: stored "
+                   r"float32\[32, \d+\], target float32\[16, \d+\]", message)
+  assert not (tmp_path / "metrics.jsonl").exists()

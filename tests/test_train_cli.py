@@ -12,6 +12,8 @@ import ald_jax
 from ald_jax import config as config_lib
 from ald_jax import train
 
+import test_metrics  # pylint: disable=wrong-import-order
+
 
 def parse(*argv) -> config_lib.TrainConfig:
   flag_values = flags.FlagValues()
@@ -104,13 +106,13 @@ def test_exit_status():
 _CONFIG_FROM_FLAGS = train.config_from_flags
 
 
-def _main_with(monkeypatch, tmp_path, outcome):
+def _main_with(monkeypatch, tmp_path, outcome, *argv):
   """Runs the CLI's main with run.train replaced by `outcome(config)`."""
   from ald_jax.system import run  # pylint: disable=import-outside-toplevel
   monkeypatch.setattr(run, "train", outcome)
   flag_values = flags.FlagValues()
   train.define_flags(flag_values)
-  flag_values(["prog", f"--logdir={tmp_path}"])
+  flag_values(["prog", f"--logdir={tmp_path}", *argv])
   config = _CONFIG_FROM_FLAGS(flag_values)
   monkeypatch.setattr(train, "config_from_flags", lambda: config)
   return train.main(["prog"])
@@ -129,8 +131,13 @@ def test_main_exit_codes_and_plot(monkeypatch, tmp_path, capsys):
     return lambda config: run.RunResult(str(tmp_path), {}, None, reason)
 
   assert _main_with(monkeypatch, tmp_path, stopped_by("budget")) == 0
-  # The CLI draws the end-of-run plot (the system layer does not).
+  # The CLI draws the end-of-run plot (the system layer does not), after
+  # the run closed its metrics writer, and adds it to TensorBoard's images.
   assert (tmp_path / "curves.png").exists()
+  if metrics.tensorboard_available():
+    images = [(v.tag, event.step) for event in test_metrics._events(tmp_path)
+              for v in event.summary.value if v.HasField("image")]
+    assert images == [("curves", 200)]
   assert _main_with(monkeypatch, tmp_path,
                     stopped_by("signal:SIGTERM")) == 143
 
@@ -147,3 +154,15 @@ def test_every_flag_and_config_field_appears_once():
   fields = [f.path for f in train.FLAG_TABLE]
   assert sorted({n for n in names if names.count(n) > 1}) == []
   assert sorted({f for f in fields if fields.count(f) > 1}) == []
+
+
+def test_no_tensorboard_image_with_the_flag_off(monkeypatch, tmp_path):
+  from ald_jax import metrics  # pylint: disable=import-outside-toplevel
+  from ald_jax.system import run  # pylint: disable=import-outside-toplevel
+  with metrics.MetricsWriter(tmp_path, tensorboard=False) as writer:
+    writer.write({"env_steps": 100, "wall_time_s": 1.0,
+                  "episode_return": 0.5, "success_rate": 0.5})
+  assert _main_with(monkeypatch, tmp_path, lambda config: run.RunResult(
+      str(tmp_path), {}, None, "budget"), "--notensorboard") == 0
+  assert (tmp_path / "curves.png").exists()
+  assert not [f for f in os.listdir(tmp_path) if "tfevents" in f]
