@@ -132,6 +132,8 @@ FLAG_TABLE = (
     _Flag("t_actor_policy", "t_actor_policy", "enum",
           "What calibration does when p99 exceeds the budget.",
           config_lib.T_ACTOR_POLICIES),
+    _Flag("calibration_steps", "calibration_steps", "int",
+          "Acting steps timed before the run to measure T_actor's p99."),
     _Flag("pin_learner", "pin_learner", "bool",
           "Confine the learner's threads to the cores actors do not use."),
     _Flag("seed", "seed", "int", "Random seed."),
