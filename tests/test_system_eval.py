@@ -209,20 +209,41 @@ def test_stop_lets_a_pending_evaluation_finish():
   assert evaluator.metrics()["eval/evaluations"] == 1
 
 
-def test_policies_and_params_per_agent():
-  for agent in config_lib.AGENTS:
-    learner = learner_lib.make_learner(
-        tiny_run("unused", agent).learner, (5,), 3)
-    policies = evaluation.eval_policies(learner)
-    if agent == "ald":
-      assert policies == {"learner": learner.learner_core,
-                          "actor": learner.actor_core}
-    else:  # the acting policy is the learner's own: no gap to measure
-      assert policies == {"actor": learner.actor_core}
-    state = learner.init(jax.random.PRNGKey(0), learner.example_batch(8))
-    params = evaluation.eval_params(learner, state)
-    assert set(params) == set(policies)
-    assert params["actor"] is learner.actor_params(state)
+@pytest.mark.parametrize("agent", config_lib.AGENTS)
+def test_policies_and_params_per_agent(agent):
+  learner = learner_lib.make_learner(tiny_run("unused", agent).learner, (5,),
+                                     3)
+  policies = evaluation.eval_policies(learner)
+  if agent == "ald":
+    assert policies == {"learner": learner.learner_core,
+                        "actor": learner.actor_core}
+  else:  # the acting policy is the learner's own: no gap to measure
+    assert policies == {"actor": learner.actor_core}
+  state = jax.eval_shape(learner.init, jax.random.PRNGKey(0),
+                         learner.example_batch(8))
+  params = evaluation.eval_params(learner, state)
+  assert set(params) == set(policies)
+  assert params["actor"] is learner.actor_params(state)
+  if agent == "ald":
+    assert params["learner"] is learner.learner_params_for_acting(state)
+
+
+def test_an_actor_alone_logs_no_learner_or_gap():
+  evaluator = evaluation.Evaluator(
+      {"actor": counting_core()},
+      lambda seed: batched.BatchedEnv(AlternatingEnv, 2, seed),
+      interval_s=3600.0)
+  evaluator.start()
+  evaluator.submit({"actor": PERFECT}, 0, 0)
+  assert evaluator.stop(WAIT_S, finish_s=WAIT_S) == []
+  got = evaluator.metrics()
+  assert got["eval/evaluations"] == 1 and got["eval/actor_success"] == 1.0
+  assert not {"eval/learner_return", "eval/gap_return"} & set(got)
+
+
+def test_evaluation_off_builds_no_evaluator(tmp_path):
+  config = tiny_run(tmp_path, eval_interval_s=0.0)
+  assert run._make_evaluator(config, None, None, 0) is None  # pylint: disable=protected-access
 
 
 # ---- the run ----------------------------------------------------------------
@@ -266,23 +287,6 @@ def test_gap_metrics_reach_rows_progress_line_and_plot(tmp_path, monkeypatch):
   assert {"ald learner", "ald actor"} <= set(calls)
 
 
-def test_agent_without_separate_actor_logs_the_actor_only(tmp_path,
-                                                          monkeypatch):
-  monkeypatch.setattr(run, "STOP_DEADLINE_S", 2 * WAIT_S)
-  result = run.train(tiny_run(tmp_path, "lstm", eval_episodes=2))
-  final = result.final_row
-  assert final["eval/evaluations"] >= 1
-  assert math.isfinite(final["eval/actor_return"])
-  assert "eval/learner_return" not in final
-  assert "eval/gap_return" not in final
-
-
-def test_evaluation_off_adds_no_columns_and_no_thread(tmp_path):
-  result = run.train(tiny_run(tmp_path, eval_interval_s=0.0))
-  assert not any(k.startswith("eval/") for k in result.final_row)
-  assert "eval" not in metrics_lib.format_progress(result.final_row)
-
-
 class EvalOnlyCrash(dm_env.Environment):
   """I-Maze that explodes when built by the evaluation thread only."""
 
@@ -310,6 +314,59 @@ def test_an_evaluation_error_stops_the_run_with_its_cause(tmp_path):
                      match="evaluation environment exploded on purpose"):
     run.train(config, env_factory=EvalOnlyCrash)
   assert not actor_threads_alive()
+
+
+class BlockedEvaluationEnv(dm_env.Environment):
+  """I-Maze whose first step in the evaluation thread blocks until released;
+  the actors' environments start stepping only once it blocks."""
+
+  blocked = threading.Event()   # the evaluation is inside its first step
+  release = threading.Event()
+
+  def __init__(self, seed):
+    self._in_evaluation = threading.current_thread().name == "evaluation"
+    self._env = imaze.IMaze(seed=seed)
+
+  def reset(self):
+    return self._env.reset()
+
+  def step(self, action):
+    cls = BlockedEvaluationEnv
+    if self._in_evaluation:
+      cls.blocked.set()
+      assert cls.release.wait(WAIT_S), "the test never released the eval"
+    else:
+      assert cls.blocked.wait(WAIT_S), "the evaluation never started"
+    return self._env.step(action)
+
+  def observation_spec(self):
+    return self._env.observation_spec()
+
+  def action_spec(self):
+    return self._env.action_spec()
+
+
+def test_a_blocked_evaluation_stalls_neither_actors_nor_learner(
+    tmp_path, monkeypatch):
+  # Every env step and learner step of this run happens while the
+  # evaluation is blocked in its environment; the stop gives up on it.
+  monkeypatch.setattr(run, "STOP_DEADLINE_S", 1.0)
+  BlockedEvaluationEnv.blocked.clear()
+  BlockedEvaluationEnv.release.clear()
+  try:
+    result = run.train(tiny_run(tmp_path), env_factory=BlockedEvaluationEnv)
+  finally:
+    BlockedEvaluationEnv.release.set()
+  assert result.stopped_by == "budget"
+  assert result.final_row["env_steps"] >= 1500
+  assert result.final_row["learner_steps"] > 0
+  assert result.final_row["eval/evaluations"] == 0
+  assert result.stuck_actors == ("evaluation",)
+  # Released, the abandoned evaluation ends at once.
+  for thread in threading.enumerate():
+    if thread.name == "evaluation":
+      thread.join(WAIT_S)
+      assert not thread.is_alive()
 
 
 # ---- progress line, plot, config --------------------------------------------
