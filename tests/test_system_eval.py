@@ -1,4 +1,4 @@
-"""The learner-actor gap evaluation: exact returns, the thread, the run's rows."""
+"""The learner-actor gap evaluation: exact returns, the thread, run rows."""
 import math
 import threading
 

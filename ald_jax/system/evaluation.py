@@ -24,11 +24,14 @@ The first evaluation is due at once, so every run measures its initial
 policies. An evaluation in progress is never interrupted by a newer
 snapshot: offers are declined while one runs.
 
-Episodes: `num_episodes` environments in one `BatchedEnv`, each playing
-exactly its first episode (counting the first N finished episodes of fewer
-environments would favour short episodes). Within one evaluation both
-policies play the same environment seeds and sampling key (a paired
-comparison); each evaluation draws new ones.
+The thread is started from the learner's thread and inherits its core set
+(with --pin_learner: the learner's cores, not the actors').
+
+Episodes: one environment per episode (`eval_episodes`) in one `BatchedEnv`,
+each playing exactly its first episode (counting the first N finished
+episodes of fewer environments would favour short episodes). Within one
+evaluation both policies play the same environment seeds and sampling key
+(a paired comparison); each evaluation draws new ones.
 
 Errors: an exception in the evaluation thread stops the run with its cause
 (`errors.EvaluationError` from `check()`), like an actor's: a measurement

@@ -11,8 +11,9 @@ starts, builds the pieces (`pool.ActorPool`, `learner_driver.LearnerDriver`,
 loop and then stops in a fixed order: the final checkpoint first (the
 learner state does not depend on the actors), then one shared deadline
 (STOP_DEADLINE_S) for every actor and the evaluation (which may finish the
-evaluation in progress meanwhile), then the final metrics row. Each step of that sequence runs even if an earlier one failed, and the
-first error is the one reported.
+evaluation in progress meanwhile), then the final metrics row. Each step of
+that sequence runs even if an earlier one failed, and the first error is the
+one reported.
 
 Process-wide setting: JAX's CPU async dispatch is turned off, so a jitted call
 runs on the thread that makes it and an actor thread's pinning pins its work
