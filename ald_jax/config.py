@@ -329,6 +329,12 @@ class TrainConfig:
   actor_stall_s: float = 300.0        # no actor progress this long: stalled (0: off)
   max_actor_restarts: int = 3         # process mode: restarts before the run fails
   nonfinite_obs: str = "error"        # "error" stops the run; "mask" zeroes, counts
+  # The learner-actor gap (system/evaluation.py): every eval_interval_s
+  # seconds (0: off) a CPU thread plays eval_episodes episodes with the
+  # learner acting alone and with the actor, on its own environments.
+  eval_interval_s: float = 30.0
+  eval_episodes: int = 8
+  eval_greedy: bool = False           # argmax actions instead of sampling
 
   def __post_init__(self):
     _require(isinstance(self.env, str) and self.env != "", "env",
@@ -391,6 +397,9 @@ class TrainConfig:
     _require(self.nonfinite_obs in NONFINITE_OBS_POLICIES, "nonfinite_obs",
              f"must be one of {NONFINITE_OBS_POLICIES}, got "
              f"{self.nonfinite_obs!r}")
+    _non_negative(self.eval_interval_s, "eval_interval_s")
+    _positive_int(self.eval_episodes, "eval_episodes")
+    _bool(self.eval_greedy, "eval_greedy")
 
   @property
   def env_kwargs_dict(self) -> dict[str, Any]:

@@ -45,6 +45,18 @@ QUEUE_SIZE = "queue_size"
 QUEUE_CAPACITY = "queue_capacity"
 VERSION_LAG = "version_lag"
 AGENT = "agent"
+# The learner-actor gap (system/evaluation.py): the latest evaluation's
+# results, repeated in every row until the next one completes (NaN before the
+# first). The learner and gap entries exist only for agents with a separate
+# actor (ald).
+EVAL_LEARNER_RETURN = "eval/learner_return"
+EVAL_ACTOR_RETURN = "eval/actor_return"
+EVAL_GAP_RETURN = "eval/gap_return"       # learner - actor
+EVAL_LEARNER_SUCCESS = "eval/learner_success"
+EVAL_ACTOR_SUCCESS = "eval/actor_success"
+EVAL_GAP_SUCCESS = "eval/gap_success"
+EVAL_ENV_STEPS = "eval/env_steps"         # env steps when the params were taken
+EVAL_COUNT = "eval/evaluations"           # evaluations completed
 
 
 def _clean(value: Any) -> Any:
@@ -420,4 +432,12 @@ def format_progress(row: Mapping[str, Any]) -> str:
       f"queue {queue}",
       f"lag {show(VERSION_LAG, lambda v: f'{v:.1f}')}",
   ]
+  if EVAL_ACTOR_RETURN in row:  # evaluation on (values '-' before the first)
+    value = lambda v: f"{v:.3f}"
+    if EVAL_LEARNER_RETURN in row:
+      parts.append(f"eval learner {show(EVAL_LEARNER_RETURN, value)} "
+                   f"actor {show(EVAL_ACTOR_RETURN, value)} "
+                   f"gap {show(EVAL_GAP_RETURN, lambda v: f'{v:+.3f}')}")
+    else:
+      parts.append(f"eval {show(EVAL_ACTOR_RETURN, value)}")
   return " | ".join(parts)

@@ -7,6 +7,12 @@ steps and against wall-clock time; one curve per run, labelled by its agent
 (the metrics rows' `agent`, else `config.json`, else the directory name).
 `plot_seed_bands` draws the same panels for groups of runs (e.g. one agent's
 seeds): the mean over the group as a line and its min-max as a band.
+
+When a run has learner-actor gap evaluations (`eval/...` columns, see
+system/evaluation.py), a third row of panels shows them against the env
+steps at which the evaluated parameters were taken: the evaluation return of
+the learner acting alone (solid) and of the actor (dashed), in the run's
+colour, and the gap (learner - actor). A large gap is failed distillation.
 """
 from __future__ import annotations
 
@@ -72,11 +78,59 @@ def _series(rows: Sequence[dict[str, Any]], x_key: str,
   return xs, ys
 
 
+def _eval_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """One row per completed evaluation (rows repeat the latest until the next
+  one completes)."""
+  out, last = [], None
+  for row in rows:
+    count = row.get(metrics.EVAL_COUNT)
+    if isinstance(count, (int, float)) and count > 0 and count != last:
+      out.append(row)
+      last = count
+  return out
+
+
+def _has_eval(rows: Sequence[dict[str, Any]]) -> bool:
+  return bool(_series(_eval_rows(rows), metrics.EVAL_ENV_STEPS,
+                      metrics.EVAL_ACTOR_RETURN)[0])
+
+
+def _plot_eval(axes, runs) -> None:
+  """The evaluation panels: learner (solid) and actor (dashed) return, gap."""
+  returns_ax, gap_ax = axes
+  for i, (_, label, rows) in enumerate(runs):
+    evals, color = _eval_rows(rows), f"C{i}"
+    for key, style, name in ((metrics.EVAL_LEARNER_RETURN, "-", "learner"),
+                             (metrics.EVAL_ACTOR_RETURN, "--", "actor")):
+      xs, ys = _series(evals, metrics.EVAL_ENV_STEPS, key)
+      if xs:
+        returns_ax.plot(xs, ys, style, color=color, label=f"{label} {name}")
+    xs, ys = _series(evals, metrics.EVAL_ENV_STEPS, metrics.EVAL_GAP_RETURN)
+    if xs:
+      gap_ax.plot(xs, ys, color=color, label=label)
+  for ax, y_name in ((returns_ax, "eval return"),
+                     (gap_ax, "eval gap (learner - actor)")):
+    ax.set_xlabel("env steps (params evaluated)")
+    ax.set_ylabel(y_name)
+    ax.grid(alpha=0.3)
+    if ax.get_lines():
+      ax.legend(fontsize=8)
+    else:
+      ax.text(0.5, 0.5, "no data", ha="center", va="center",
+              transform=ax.transAxes)
+
+
 def _draw_figure(draw_panel: Callable[[Any, str, str], bool],
-                 out_path: str | os.PathLike, title: str | None) -> str:
+                 out_path: str | os.PathLike, title: str | None,
+                 draw_extra_row: Callable[[Any], None] | None = None) -> str:
   """The 2x2 figure of `_PANELS`: `draw_panel(ax, y_key, x_key)` draws one
-  panel's curves and says whether it drew any. Writes the PNG; returns it."""
-  fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), squeeze=False)
+  panel's curves and says whether it drew any; `draw_extra_row(axes)`, if
+  given, fills a third row of two panels. Writes the PNG; returns it."""
+  fig, axes = plt.subplots(3 if draw_extra_row else 2, 2,
+                           figsize=(11, 11.25 if draw_extra_row else 7.5),
+                           squeeze=False)
+  if draw_extra_row:
+    draw_extra_row(axes[2])
   for ax, (y_key, x_key, y_name, x_name) in zip(axes.flat, _PANELS):
     plotted = draw_panel(ax, y_key, x_key)
     ax.set_xlabel(x_name)
@@ -99,7 +153,8 @@ def _draw_figure(draw_panel: Callable[[Any, str, str], bool],
 
 def plot_runs(run_dirs: Sequence[str | os.PathLike],
               out_path: str | os.PathLike, title: str | None = None) -> str:
-  """Writes the 2x2 curves PNG for `run_dirs` to `out_path`; returns it."""
+  """Writes the curves PNG for `run_dirs` to `out_path`; returns it (2x2
+  panels, 3x2 with the evaluation panels when a run has evaluations)."""
   if not run_dirs:
     raise ValueError("plot_runs needs at least one run directory")
   runs = []
@@ -121,7 +176,10 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike],
         plotted = True
     return plotted
 
-  return _draw_figure(draw_panel, out_path, title)
+  with_eval = any(_has_eval(rows) for _, _, rows in runs)
+  return _draw_figure(draw_panel, out_path, title,
+                      (lambda axes: _plot_eval(axes, runs)) if with_eval
+                      else None)
 
 
 class SeedBand(NamedTuple):

@@ -173,6 +173,14 @@ FLAG_TABLE = (
           "A NaN/inf observation: error stops the run naming the env and "
           "step; mask zeroes it and counts it.",
           config_lib.NONFINITE_OBS_POLICIES),
+    _Flag("eval_interval_s", "eval_interval_s", "float",
+          "Seconds between evaluations of the learner acting alone and of "
+          "the actor (eval/learner_return, eval/actor_return, "
+          "eval/gap_return); CPU episodes in their own thread; 0: off."),
+    _Flag("eval_episodes", "eval_episodes", "int",
+          "Episodes per evaluated policy and evaluation."),
+    _Flag("eval_greedy", "eval_greedy", "bool",
+          "Evaluate with argmax actions instead of sampled ones."),
 )
 _BY_PATH = {f.path: f for f in FLAG_TABLE}
 

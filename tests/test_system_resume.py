@@ -40,6 +40,9 @@ def tiny_config(logdir, total_env_steps, resume=False):
       calibration_steps=5, report_interval_s=0.2,
       checkpoint_interval_s=3600.0, logdir=str(logdir), seed=SEED,
       resume=resume,
+      # The gap evaluation's environments would add their seeds to the
+      # factory's record of the actors' seeds.
+      eval_interval_s=0.0,
       # Segment 2 runs to 2N: the budget is the one field allowed to change.
       resume_allow_change=("total_env_steps",) if resume else ())
 

@@ -30,3 +30,7 @@ class NonFiniteObservationError(RunError):
 
 class ActorRestartLimitError(RunError):
   """An actor process died more often than max_actor_restarts allows."""
+
+
+class EvaluationError(RunError):
+  """The learner-actor gap evaluation (system/evaluation.py) failed."""

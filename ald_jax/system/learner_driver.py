@@ -12,7 +12,7 @@ else about the learner: it publishes `actor_params()`, checkpoints
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from absl import logging
 import jax
@@ -22,6 +22,7 @@ import numpy as np
 from ald_jax import config as config_lib
 from ald_jax import types
 from ald_jax.system import errors
+from ald_jax.system import params as params_lib
 from ald_jax.system import replay as replay_lib
 
 Params = Any
@@ -194,6 +195,11 @@ class LearnerDriver:
   def actor_params(self) -> Params:
     """A fresh device copy of the actor parameters, safe to publish."""
     return self._copy_actor_params(self._state)
+
+  def host_params(self, select: Callable[[Any], Params]) -> Params:
+    """A host (numpy) copy of `select(learner state)`, e.g. the parameters
+    an evaluation acts with; safe to keep across later (donating) steps."""
+    return params_lib.host_copy(select(self._state))
 
   def counters(self) -> DriverCounters:
     return DriverCounters(**self._counts)

@@ -4,7 +4,9 @@ A small object with its own state (counters, stop reason) so that the run
 module only wires it up and stops it. It never waits unboundedly: each wait
 for an unroll lasts at most `poll_s`, after which the stop request, the
 budget, the wall-time limit, the actors' health, reports and checkpoints are
-checked again, whether or not an unroll came.
+checked again, whether or not an unroll came. With an evaluator
+(system/evaluation.py) it also hands over a parameter snapshot whenever one
+is due and stops the run if the evaluation failed.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ class LearnerLoop:
     write_row: called with each report row (metrics file + progress line).
     save_checkpoint: called with (learner_step, host_state, metadata).
     env_offset / wall_offset / segment: where a resumed run continues.
+    evaluator: an `evaluation.Evaluator` (started by the caller), or None.
+    eval_params: learner state -> the evaluator's `{policy: params}`.
   """
 
   def __init__(self, config: config_lib.TrainConfig,
@@ -37,7 +41,11 @@ class LearnerLoop:
                *, write_row: Callable[[dict[str, Any]], None],
                save_checkpoint: Callable[[int, Any, dict[str, Any]], None],
                env_offset: int = 0, wall_offset: float = 0.0,
-               segment: int = 0, poll_s: float = 0.1):
+               segment: int = 0, poll_s: float = 0.1,
+               evaluator: Any = None,
+               eval_params: Callable[[Any], dict[str, Any]] | None = None):
+    if (evaluator is None) != (eval_params is None):
+      raise ValueError("evaluator and eval_params come together")
     self._config = config
     self._pool = pool
     self._driver = driver
@@ -47,6 +55,8 @@ class LearnerLoop:
     self.wall_offset = wall_offset
     self.segment = segment
     self._poll_s = poll_s
+    self._evaluator = evaluator
+    self._eval_params = eval_params
     self._stop_requested = threading.Event()
     self.stop_reason: str | None = None  # "budget", "wall_time", "signal:..."
     self.phases = timing.PhaseTimer()
@@ -88,6 +98,8 @@ class LearnerLoop:
                                                0)})
     row.update(self.phases.summary())
     row.update(self._driver.metrics())
+    if self._evaluator is not None:
+      row.update(self._evaluator.metrics())
     return row
 
   def checkpoint(self) -> None:
@@ -111,6 +123,18 @@ class LearnerLoop:
     if cfg.max_wall_time_s and self.elapsed_s() >= cfg.max_wall_time_s:
       return "wall_time"
     return None
+
+  def _offer_evaluation(self) -> None:
+    """A host snapshot of the evaluated parameters, when one is due."""
+    if self._evaluator is None:
+      return
+    self._evaluator.check()  # raises an EvaluationError with the cause
+    if self._evaluator.due():
+      with self.phases.phase("eval_snapshot"):
+        self._evaluator.submit(
+            self._driver.host_params(self._eval_params),
+            env_steps=self.env_steps(),
+            learner_steps=self._driver.counters().learner_steps)
 
   def _train_on(self, unroll: Any) -> None:
     if self._batcher is None:
@@ -136,6 +160,7 @@ class LearnerLoop:
       if reason is not None:
         break
       self._pool.check()  # raises a RunError for a failed/stalled actor
+      self._offer_evaluation()
       with self.phases.phase("wait_batch"):
         unroll = self._pool.get_unroll(self._poll_s)
       if unroll is not None:

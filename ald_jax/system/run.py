@@ -7,11 +7,13 @@
 
 `train` validates everything that can fail on bad input before any actor
 starts, builds the pieces (`pool.ActorPool`, `learner_driver.LearnerDriver`,
-`loop.LearnerLoop`), runs the loop and then stops in a fixed order: the final
-checkpoint first (the learner state does not depend on the actors), then one
-shared deadline (STOP_DEADLINE_S) for every actor, then the final metrics
-row. Each step of that sequence runs even if an earlier one failed, and the
-first error is the one reported.
+`loop.LearnerLoop`, the learner-actor gap `evaluation.Evaluator`), runs the
+loop and then stops in a fixed order: the final checkpoint first (the
+learner state does not depend on the actors), then one shared deadline
+(STOP_DEADLINE_S) for every actor and the evaluation (which may finish the
+evaluation in progress meanwhile), then the final metrics row. Each step of
+that sequence runs even if an earlier one failed, and the first error is the
+one reported.
 
 Process-wide setting: JAX's CPU async dispatch is turned off, so a jitted call
 runs on the thread that makes it and an actor thread's pinning pins its work
@@ -28,6 +30,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from typing import Any, Callable, NamedTuple
 
@@ -45,6 +48,7 @@ from ald_jax.envs import specs
 from ald_jax.system import actor as actor_lib
 from ald_jax.system import affinity
 from ald_jax.system import errors
+from ald_jax.system import evaluation
 from ald_jax.system import learner_driver as driver_lib
 from ald_jax.system import loop as loop_lib
 from ald_jax.system import pool as pool_lib
@@ -66,7 +70,8 @@ class RunResult(NamedTuple):
   final_row: dict[str, Any]
   state: Any                 # the final LearnerState (host arrays)
   stopped_by: str            # "budget", "wall_time", "signal:SIGINT", ...
-  stuck_actors: tuple[str, ...] = ()  # actors still running after the deadline
+  # Actor threads (and "evaluation") still running after the stop deadline.
+  stuck_actors: tuple[str, ...] = ()
 
 
 def resolve_env_factory(config: config_lib.TrainConfig,
@@ -191,6 +196,19 @@ def _make_pool(cfg: config_lib.TrainConfig, spec: pool_lib.ActorSpec
                                   stall_s=cfg.actor_stall_s)
 
 
+def _make_evaluator(cfg: config_lib.TrainConfig, learner: Any,
+                    factory: EnvFactory, segment: int
+                    ) -> evaluation.Evaluator | None:
+  """The learner-actor gap evaluation (None with eval_interval_s=0)."""
+  if cfg.eval_interval_s == 0:
+    return None
+  return evaluation.Evaluator(
+      evaluation.eval_policies(learner),
+      lambda seed: batched_lib.BatchedEnv(factory, cfg.eval_episodes, seed),
+      interval_s=cfg.eval_interval_s, greedy=cfg.eval_greedy, seed=cfg.seed,
+      segment=segment)
+
+
 def _write_config(run_dir: str, config: config_lib.TrainConfig,
                   env_info, segment: int) -> None:
   resolved = {"train": checkpoint_lib.to_jsonable(config),
@@ -306,10 +324,14 @@ def _train_locked(cfg: config_lib.TrainConfig, factory: EnvFactory,
                       dict(meta, config=checkpoint_lib.to_jsonable(cfg)))
 
   pool = _make_pool(cfg, spec)  # builds; starts nothing
+  evaluator = _make_evaluator(cfg, learner, factory, segment)
   loop = loop_lib.LearnerLoop(
       cfg, pool, driver, write_row=write_row,
       save_checkpoint=save_checkpoint, env_offset=env_offset,
-      wall_offset=float(metadata.get("wall_time_s", 0.0)), segment=segment)
+      wall_offset=float(metadata.get("wall_time_s", 0.0)), segment=segment,
+      evaluator=evaluator,
+      eval_params=(functools.partial(evaluation.eval_params, learner)
+                   if evaluator is not None else None))
   first_error = _FirstError()
   stuck: list[str] = []
   row: dict[str, Any] = {}
@@ -324,6 +346,8 @@ def _train_locked(cfg: config_lib.TrainConfig, factory: EnvFactory,
       else:
         with affinity.pinned_process(cores.learner if cfg.pin_learner
                                      else None):
+          if evaluator is not None:
+            evaluator.start()
           pool.start(driver.actor_params())
           loop.run()
     except BaseException as error:  # pylint: disable=broad-except
@@ -333,8 +357,17 @@ def _train_locked(cfg: config_lib.TrainConfig, factory: EnvFactory,
       # The learner state is sound (NaN updates were skipped).
       first_error.attempt("final checkpoint", loop.checkpoint)
     logging.info("stopping actors (deadline %.0f s)", STOP_DEADLINE_S)
+    stop_start = time.monotonic()
+    if evaluator is not None:
+      evaluator.close()  # no new evaluation; one in progress may finish
     stuck = first_error.attempt(
         "stopping actors", lambda: pool.stop(STOP_DEADLINE_S)) or []
+    if evaluator is not None:
+      # The same deadline: the evaluation finished meanwhile or is cut short.
+      stuck += first_error.attempt("stopping the evaluation", lambda: (
+          evaluator.stop(max(0.0, STOP_DEADLINE_S -
+                             (time.monotonic() - stop_start))))) or []
+      first_error.attempt("the evaluation", evaluator.check)
     stopped_by = ("error" if first_error.error is not None
                   and not isinstance(first_error.error, KeyboardInterrupt)
                   else loop.stop_reason or "budget")

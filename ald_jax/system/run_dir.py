@@ -44,6 +44,9 @@ ALWAYS_ALLOWED = (
     "calibration_steps",      # the start-up T_actor check
     "t_actor_policy",
     "t_actor_budget_ms",      # a threshold for refusal and overrun counts
+    "eval_interval_s",        # measurement only (system/evaluation.py)
+    "eval_episodes",
+    "eval_greedy",
 )
 
 
