@@ -42,6 +42,7 @@ LEARNER_STEPS = "learner_steps"
 QUEUE_SIZE = "queue_size"
 QUEUE_CAPACITY = "queue_capacity"
 VERSION_LAG = "version_lag"
+ACTOR_RESTARTS = "actor_restarts"  # process mode only
 AGENT = "agent"
 
 
@@ -397,4 +398,6 @@ def format_progress(row: Mapping[str, Any]) -> str:
       f"queue {queue}",
       f"lag {show(VERSION_LAG, lambda v: f'{v:.1f}')}",
   ]
+  if ACTOR_RESTARTS in row:  # actor processes: restarts so far
+    parts.append(f"restarts {show(ACTOR_RESTARTS, lambda v: f'{v:.0f}')}")
   return " | ".join(parts)
