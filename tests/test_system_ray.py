@@ -4,17 +4,21 @@ import dataclasses
 import os
 import signal
 import threading
+import time
 
 import pytest
 
 ray = pytest.importorskip("ray")
 
 from ald_jax import metrics as metrics_lib  # pylint: disable=wrong-import-position
+from ald_jax.system import affinity  # pylint: disable=wrong-import-position
 from ald_jax.system import errors  # pylint: disable=wrong-import-position
 from ald_jax.system import loop as loop_lib  # pylint: disable=wrong-import-position
+from ald_jax.system import pool as pool_lib  # pylint: disable=wrong-import-position
 from ald_jax.system import ray_pool  # pylint: disable=wrong-import-position
 from ald_jax.system import run  # pylint: disable=wrong-import-position
 
+from test_system_actor import FAKE_CORE, CounterEnv, JOIN_S, _params  # pylint: disable=wrong-import-order,wrong-import-position
 from test_system_run import tiny_run  # pylint: disable=wrong-import-order,wrong-import-position
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -43,6 +47,77 @@ class RowHook:
     monkeypatch.setattr(loop_lib.LearnerLoop, "row", row)
 
 
+def _group_spec(make_env, num_actors=4, envs=2) -> pool_lib.ActorSpec:
+  return pool_lib.ActorSpec(
+      make_env=make_env, core=FAKE_CORE, num_actors=num_actors,
+      envs_per_actor=envs, unroll_length=4, context_length=3,
+      seed_for=lambda i: i, cores=[None] * num_actors, t_actor_budget_ms=None,
+      env_info=None)
+
+
+def _unrolls_until_every_actor_is_seen(group, actor_ids, envs,
+                                       deadline_s=60.0):
+  """Takes unrolls until each actor sent one; fails loudly after deadline_s."""
+  seen = {}
+  deadline = time.monotonic() + deadline_s
+  while time.monotonic() < deadline:
+    for unroll in group.take_unrolls(JOIN_S):
+      seen.setdefault(int(unroll.stream_id[0]) // envs, []).append(unroll)
+    if set(seen) == set(actor_ids):
+      return seen
+  raise AssertionError(f"only actors {sorted(seen)} sent unrolls")
+
+
+def test_actor_group_runs_pinned_threads_with_their_actors_streams():
+  """The threads of one actor process (no Ray here): thread k acts as actor
+  actor_ids[k] with that actor's streams, pinned to its own core."""
+  available = affinity.available_cores()
+  cores = affinity.spread_threads(available, 2)
+  group = ray_pool.ActorGroup(
+      [2, 3], _group_spec(lambda i: CounterEnv((5, 7))), FAKE_CORE,
+      seeds=[1, 2], cores=cores, queue_capacity=2, poll_s=0.02)
+  group.start()
+  group.publish(_params(1.0), version=4)
+  try:
+    seen = _unrolls_until_every_actor_is_seen(group, [2, 3], envs=2)
+    reply = group.report([], with_latency=True)
+  finally:
+    assert group.stop(JOIN_S)
+  for actor_id, unrolls in seen.items():
+    assert {tuple(u.stream_id) for u in unrolls} == {
+        (2 * actor_id, 2 * actor_id + 1)}
+  assert [s.actor_id for s in reply.stats] == [2, 3]
+  assert all(s.unrolls > 0 and s.params_version == 4 for s in reply.stats)
+  assert len(reply.latency) == 2 and len(reply.idle_s) == 2
+  # Pinned as assigned, seen from inside each thread.
+  assert [s.affinity for s in reply.stats] == cores
+  if available is not None and len(available) >= 2:
+    assert cores[0] != cores[1]
+  assert reply.error is None
+  assert not [t for t in group.threads if t.is_alive()]
+
+
+def test_actor_group_one_failing_thread_stops_the_group_naming_it():
+  group = ray_pool.ActorGroup(
+      [0, 1], _group_spec(lambda i: CounterEnv(
+          (5, 7), raise_after=2 if i == 1 else None), num_actors=2),
+      FAKE_CORE, seeds=[1, 2], cores=[None, None], queue_capacity=2,
+      poll_s=0.02)
+  group.start()
+  group.publish(_params(1.0), version=1)
+  # Actor 1 fails before its first unroll; actor 0 stops with it.
+  for thread in group.threads:
+    thread.join(JOIN_S)
+  try:
+    assert not [t for t in group.threads if t.is_alive()]
+    reply = group.report([], with_latency=False)
+    assert reply.error.startswith(
+        "actor 1: RuntimeError: fake env exploded at step 2"), reply.error
+    assert "in step" in reply.error_traceback
+  finally:
+    group.stop(JOIN_S)
+
+
 @pytest.mark.timeout(300)
 def test_processes_act_get_params_are_trained_on_and_shut_down(
     tmp_path, monkeypatch):
@@ -57,12 +132,18 @@ def test_processes_act_get_params_are_trained_on_and_shut_down(
               if n.startswith("actor-")]
   row = result.final_row
   for i in range(2):
-    # Unrolls from every process reached the learner, and every process
-    # acted with a version published after the first.
-    assert row[f"actor{i}_unrolls"] > 0, row
+    # Unrolls from every process reached the learner and were trained on,
+    # and every process acted with a version published after the first.
+    assert row[f"process{i}_unrolls"] == row[f"actor{i}_unrolls"] > 0, row
+    assert row[f"actor{i}_trained_rows"] > 0, row
     assert row[f"actor{i}_params_version"] > 1, row
+    assert row[f"process{i}_restarts"] == 0
   assert row["learner_steps"] > 0 and row["t_actor_count"] > 0
   assert row["actor_restarts"] == 0
+  # Each process's threads were pinned to the cores assigned to them.
+  spec = hook.pools[0]._spec  # pylint: disable=protected-access
+  assert [s.last.stats[0].affinity for s in hook.pools[0]._slots  # pylint: disable=protected-access
+         ] == spec.cores[:2]
   # Nothing left: the run started Ray and shut it down, processes are gone.
   assert not ray.is_initialized()
   pids = hook.pools[0].actor_pids()
@@ -85,12 +166,14 @@ def test_killed_process_restarts_then_the_limit_stops_the_run(
   RowHook(monkeypatch, kill_one)
   config = process_run(tmp_path, total_env_steps=10**8, max_actor_restarts=1)
   with pytest.raises(errors.ActorRestartLimitError,
-                     match=r"actor 0 failed .* --max_actor_restarts=1; its "
-                     r"last failure: process died"):
+                     match=r"actor process 0 \(actor 0\) failed .* "
+                     r"--max_actor_restarts=1; its last failure: process died"):
     run.train(config)
   assert len(killed) == 2
   rows = metrics_lib.read_metrics(tmp_path)
   assert max(r.get("actor_restarts", 0) for r in rows) == 1
+  assert max(r.get("process0_restarts", 0) for r in rows) == 1
+  assert max(r.get("process1_restarts", 0) for r in rows) == 0
   assert not ray.is_initialized()
 
 
@@ -121,8 +204,76 @@ def test_stalled_process_is_restarted_then_the_limit_stops_the_run(tmp_path):
   config = process_run(tmp_path, total_env_steps=10**8, actor_stall_s=3.0,
                        max_actor_restarts=1)
   with pytest.raises(errors.ActorRestartLimitError,
-                     match=r"its last failure: stalled: no environment step"):
+                     match=r"its last failure: stalled: actor [01] made no "
+                     r"environment step"):
     run.train(config, env_factory=HangingIMaze())
+  assert not ray.is_initialized()
+
+
+@pytest.mark.timeout(300)
+def test_one_process_runs_two_pinned_threads_as_one_unit(tmp_path,
+                                                        monkeypatch):
+  """threads_per_actor_process=2: one Ray actor process (2 CPUs) hosts actors
+  0 and 1; both threads' unrolls are trained on and add up to the process's
+  counters; each thread is pinned to its own assigned cores."""
+  seen = []
+  hook = RowHook(monkeypatch, lambda pool, row: seen.append(
+      [t.name for t in threading.enumerate()]))
+  result = run.train(process_run(tmp_path, threads_per_actor_process=2))
+  assert result.stopped_by == "budget"
+  assert seen and not [n for names in seen for n in names
+                       if n.startswith("actor-")]
+  row = result.final_row
+  assert "process1_unrolls" not in row  # one process
+  assert row["process0_unrolls"] == row["actor0_unrolls"] + row[
+      "actor1_unrolls"]
+  for i in range(2):
+    assert row[f"actor{i}_unrolls"] > 0 and row[f"actor{i}_trained_rows"] > 0
+    assert row[f"actor{i}_params_version"] > 1, row
+  assert row["process0_env_steps"] == row["env_steps"] >= 1500
+  pool = hook.pools[0]
+  slot = pool._slots[0]  # pylint: disable=protected-access
+  assert slot.actor_ids == [0, 1] and len(pool.actor_pids()) == 1
+  spec_cores = pool._spec.cores  # pylint: disable=protected-access
+  pinned = [stats.affinity for stats in slot.last.stats]
+  assert pinned == spec_cores[:2]  # as assigned, seen inside each thread
+  if not affinity.assign_cores(2, reserve_for_learner=1).shared:
+    assert not pinned[0] & pinned[1]  # distinct cores (needs >= 3 cores)
+  assert not ray.is_initialized()
+  assert not [p for p in pool.actor_pids() if ray_pool.process_alive(p)]
+
+
+class ExplodingIMaze:
+  """I-Maze environments that raise after 30 steps (pickled by value)."""
+
+  def __call__(self, seed):
+    from ald_jax.envs import imaze  # pylint: disable=import-outside-toplevel
+
+    class Env(imaze.IMaze):
+      steps = 0
+
+      def step(self, action):
+        self.steps += 1
+        if self.steps > 30:
+          raise RuntimeError("env exploded")
+        return super().step(action)
+    return Env(seed=seed)
+
+
+@pytest.mark.timeout(300)
+def test_env_error_in_one_thread_stops_the_run_naming_process_and_actor(
+    tmp_path):
+  import sys  # pylint: disable=import-outside-toplevel
+  from ray import cloudpickle  # pylint: disable=import-outside-toplevel
+  cloudpickle.register_pickle_by_value(sys.modules[__name__])
+  config = process_run(tmp_path, total_env_steps=10**8,
+                       threads_per_actor_process=2)
+  with pytest.raises(errors.RunError,
+                     match=r"error in actor process 0 \(actors 0-1\), pid "
+                     r"\d+: actor [01]: RuntimeError: env exploded"):
+    run.train(config, env_factory=ExplodingIMaze())
+  rows = metrics_lib.read_metrics(tmp_path)
+  assert rows[-1]["stopped_by"] == "error"
   assert not ray.is_initialized()
 
 
