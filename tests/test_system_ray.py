@@ -30,9 +30,10 @@ def process_run(tmp_path, **changes):
 
 
 class RowHook:
-  """Wraps LearnerLoop.row to look at the running system at each report."""
+  """Wraps LearnerLoop.row to look at the running system at each report:
+  calls on_row(pool, row) (or on_row(pool, row, loop) with with_loop)."""
 
-  def __init__(self, monkeypatch, on_row):
+  def __init__(self, monkeypatch, on_row, with_loop=False):
     original = loop_lib.LearnerLoop.row
     self.pools = []
 
@@ -42,7 +43,10 @@ class RowHook:
         self.pools.append(pool)
       result = original(loop, stopped_by)
       if not stopped_by:
-        on_row(pool, result)
+        if with_loop:
+          on_row(pool, result, loop)
+        else:
+          on_row(pool, result)
       return result
     monkeypatch.setattr(loop_lib.LearnerLoop, "row", row)
 
@@ -122,8 +126,14 @@ def test_actor_group_one_failing_thread_stops_the_group_naming_it():
 def test_processes_act_get_params_are_trained_on_and_shut_down(
     tmp_path, monkeypatch):
   seen_threads = []
-  hook = RowHook(monkeypatch, lambda pool, row: seen_threads.append(
-      [t.name for t in threading.enumerate()]))
+  ray_processes = {}  # pid -> kind: the local Ray's raylet, GCS, ...
+
+  def look(pool, row):
+    seen_threads.append([t.name for t in threading.enumerate()])
+    node = ray._private.worker._global_node  # pylint: disable=protected-access
+    ray_processes.update({p.pid: kind for kind, p in node.live_processes()})
+
+  hook = RowHook(monkeypatch, look)
   result = run.train(process_run(tmp_path))
   assert result.stopped_by == "budget"
   # The learner's process ran no actor thread while the processes acted.
@@ -148,6 +158,10 @@ def test_processes_act_get_params_are_trained_on_and_shut_down(
   assert not ray.is_initialized()
   pids = hook.pools[0].actor_pids()
   assert len(pids) == 2 and not [p for p in pids if ray_pool.process_alive(p)]
+  assert "raylet" in ray_processes.values(), ray_processes
+  left = {pid: kind for pid, kind in ray_processes.items()
+          if ray_pool.process_alive(pid)}
+  assert not left, f"Ray processes left after the run: {left}"
 
 
 @pytest.mark.timeout(300)
@@ -274,7 +288,62 @@ def test_env_error_in_one_thread_stops_the_run_naming_process_and_actor(
     run.train(config, env_factory=ExplodingIMaze())
   rows = metrics_lib.read_metrics(tmp_path)
   assert rows[-1]["stopped_by"] == "error"
+  # The stop sequence still wrote the final checkpoint.
+  assert any(name.isdigit() for name in
+             os.listdir(os.path.join(tmp_path, run.CHECKPOINT_DIR)))
   assert not ray.is_initialized()
+
+
+@pytest.mark.timeout(400)
+def test_cluster_killed_actor_process_restarts_and_the_run_finishes(
+    tmp_path, monkeypatch):
+  """A head without CPUs plus two 1-CPU worker nodes: actor process 0 is
+  killed (kill -9) mid-run, restarted on a worker, its new incarnation sends
+  unrolls again, and the run then finishes normally."""
+  from ray import cluster_utils  # pylint: disable=import-outside-toplevel
+  killed = []
+
+  def kill_then_finish(pool, row, loop):
+    slot = pool._slots[0]  # pylint: disable=protected-access
+    if slot.last is None:
+      return
+    if not killed:
+      killed.append((slot.last.pid, row["process0_env_steps"]))
+      os.kill(slot.last.pid, signal.SIGKILL)
+    elif slot.last.pid != killed[0][0] and sum(
+        s.unrolls for s in slot.last.stats) > 0:
+      loop.request_stop("restarted_process_acted")
+
+  hook = RowHook(monkeypatch, kill_then_finish, with_loop=True)
+  cluster = cluster_utils.Cluster(
+      initialize_head=True, head_node_args={"num_cpus": 0})
+  workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+  cluster.wait_for_nodes()
+  try:
+    config = process_run(tmp_path, ray_address=cluster.address,
+                         total_env_steps=10**8, max_actor_restarts=1)
+    result = run.train(config)
+    pool = hook.pools[0]
+    placed = pool.actor_node_ids()
+  finally:
+    if ray.is_initialized():
+      ray.shutdown()
+    cluster.shutdown()
+  assert result.stopped_by == "restarted_process_acted"
+  row = result.final_row
+  assert row["actor_restarts"] == row["process0_restarts"] == 1
+  assert row["process1_restarts"] == 0
+  slot = pool._slots[0]  # pylint: disable=protected-access
+  assert len(slot.pids) == 2 and slot.pids[0] == killed[0][0]
+  # Env steps of the killed incarnation are kept; the new one added more.
+  assert row["process0_env_steps"] > killed[0][1]
+  assert placed and placed <= {w.node_id for w in workers}
+  # On a cluster a process pins its thread to one core of its own affinity.
+  available = set(affinity.available_cores() or [])
+  for s in pool._slots:  # pylint: disable=protected-access
+    for stats in s.last.stats:
+      assert stats.affinity is not None and len(stats.affinity) == 1
+      assert stats.affinity <= available
 
 
 @pytest.mark.slow

@@ -26,8 +26,8 @@ streams). Restarts are counted (`actor_restarts`, `process{p}_restarts`);
 past `max_actor_restarts` the run stops with an error naming the process,
 its actors and its last failure (a stall names the stuck thread's actor). An
 exception inside an environment stops the run as in thread mode, naming the
-process and the failing thread's actor. `stop` ends every process; Ray itself is shut down when the run
-started it.
+process and the failing thread's actor. `stop` ends every process; Ray itself
+is shut down when the run started it.
 """
 from __future__ import annotations
 
@@ -273,11 +273,7 @@ class RayActorPool:
     self._connected = False   # this pool called ray.init
     self._started_ray = False  # ... and that started a local Ray
     self._remote_class: Any = None
-    per_process = config.threads_per_actor_process
-    if spec.num_actors % per_process:
-      raise config_lib.ConfigError(
-          f"threads_per_actor_process: must divide num_actors "
-          f"({spec.num_actors}), got {per_process}")
+    per_process = config.threads_per_actor_process  # divides num_actors
     self._slots = [
         _Slot(p, range(p * per_process, (p + 1) * per_process))
         for p in range(spec.num_actors // per_process)]
