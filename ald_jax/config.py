@@ -328,6 +328,10 @@ class TrainConfig:
   ray_address: str = ""               # "": start a local Ray; HOST:PORT joins
   actor_stall_s: float = 300.0        # no actor progress this long: stalled (0: off)
   max_actor_restarts: int = 3         # process mode: restarts before the run fails
+  # Process mode: actor threads per Ray actor process (`num_actors` counts
+  # threads, so num_actors / threads_per_actor_process processes). A process
+  # asks Ray for this many CPUs and pins one thread per core it is given.
+  threads_per_actor_process: int = 1
   nonfinite_obs: str = "error"        # "error" stops the run; "mask" zeroes, counts
   # The learner-actor gap (system/evaluation.py): every eval_interval_s
   # seconds (0: off) a CPU thread plays eval_episodes episodes with the
@@ -394,6 +398,15 @@ class TrainConfig:
              and not isinstance(self.max_actor_restarts, bool)
              and self.max_actor_restarts >= 0, "max_actor_restarts",
              f"must be an integer >= 0, got {self.max_actor_restarts!r}")
+    _positive_int(self.threads_per_actor_process, "threads_per_actor_process")
+    _require(self.threads_per_actor_process == 1 or self.actors == "processes",
+             "threads_per_actor_process",
+             "needs actors='processes' (--actors=processes)")
+    _require(self.num_actors % self.threads_per_actor_process == 0,
+             "threads_per_actor_process",
+             f"must divide num_actors ({self.num_actors}): every actor process "
+             f"runs the same number of threads, got "
+             f"{self.threads_per_actor_process}")
     _require(self.nonfinite_obs in NONFINITE_OBS_POLICIES, "nonfinite_obs",
              f"must be one of {NONFINITE_OBS_POLICIES}, got "
              f"{self.nonfinite_obs!r}")

@@ -44,6 +44,7 @@ LEARNER_STEPS = "learner_steps"
 QUEUE_SIZE = "queue_size"
 QUEUE_CAPACITY = "queue_capacity"
 VERSION_LAG = "version_lag"
+ACTOR_RESTARTS = "actor_restarts"  # process mode only
 AGENT = "agent"
 # The learner-actor gap (system/evaluation.py): the latest evaluation's
 # results, repeated in every row until the next one completes (NaN before the
@@ -440,4 +441,6 @@ def format_progress(row: Mapping[str, Any]) -> str:
                    f"gap {show(EVAL_GAP_RETURN, lambda v: f'{v:+.3f}')}")
     else:
       parts.append(f"eval {show(EVAL_ACTOR_RETURN, value)}")
+  if ACTOR_RESTARTS in row:  # actor processes: restarts so far
+    parts.append(f"restarts {show(ACTOR_RESTARTS, lambda v: f'{v:.0f}')}")
   return " | ".join(parts)

@@ -115,7 +115,8 @@ FLAG_TABLE = (
           "V-MPO: initial temperature eta."),
     _Flag("vmpo_init_alpha", "learner.vmpo.init_alpha", "float",
           "V-MPO: initial KL multiplier alpha."),
-    _Flag("num_actors", "num_actors", "int", "Actor threads."),
+    _Flag("num_actors", "num_actors", "int",
+          "Actor threads (with --actors=processes: in all processes)."),
     _Flag("envs_per_actor", "envs_per_actor", "int",
           "E: environments stepped together by one actor thread."),
     _Flag("total_env_steps", "total_env_steps", "int",
@@ -169,6 +170,10 @@ FLAG_TABLE = (
           "naming it (threads) or restarts it (processes); 0: off."),
     _Flag("max_actor_restarts", "max_actor_restarts", "int",
           "Process mode: actor restarts (death, stall) before the run fails."),
+    _Flag("threads_per_actor_process", "threads_per_actor_process", "int",
+          "Process mode: actor threads per Ray actor process, each pinned to "
+          "its own core; the process takes this many of Ray's CPUs "
+          "(must divide --num_actors)."),
     _Flag("nonfinite_obs", "nonfinite_obs", "enum",
           "A NaN/inf observation: error stops the run naming the env and "
           "step; mask zeroes it and counts it.",

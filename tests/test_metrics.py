@@ -93,6 +93,10 @@ def test_progress_line():
     assert part in line, (part, line)
   sparse = metrics.format_progress({"env_steps": 10, "success_rate": None})
   assert "steps 10" in sparse and "success -" in sparse and "sps -" in sparse
+  # Actor processes count restarts on the line; thread rows have no such key.
+  assert "restarts" not in line
+  assert metrics.format_progress(dict(row, actor_restarts=2)).endswith(
+      " | restarts 2")
 
 
 # -- TensorBoard ---------------------------------------------------------------

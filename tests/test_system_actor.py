@@ -391,6 +391,17 @@ def test_assign_cores_rules():
     affinity.assign_cores(0)
 
 
+def test_spread_threads_gives_distinct_cores_while_there_are_enough():
+  assert affinity.spread_threads([4, 6, 5], 2) == [{4}, {5}]
+  assert affinity.spread_threads([4, 5, 6], 2, offset=2) == [{6}, {4}]
+  assert affinity.spread_threads([7], 3) == [{7}] * 3  # shared round-robin
+  assert affinity.spread_threads(None, 2) == [None, None]
+  with pytest.raises(ValueError, match="num_threads"):
+    affinity.spread_threads([0], 0)
+  with pytest.raises(ValueError, match="no cores"):
+    affinity.spread_threads([], 1)
+
+
 def test_calibrate_core_refuses_impossible_budget_and_warns():
   params = _params(1.0)
   with pytest.raises(timing.TActorBudgetError) as info:

@@ -4,17 +4,21 @@ import dataclasses
 import os
 import signal
 import threading
+import time
 
 import pytest
 
 ray = pytest.importorskip("ray")
 
 from ald_jax import metrics as metrics_lib  # pylint: disable=wrong-import-position
+from ald_jax.system import affinity  # pylint: disable=wrong-import-position
 from ald_jax.system import errors  # pylint: disable=wrong-import-position
 from ald_jax.system import loop as loop_lib  # pylint: disable=wrong-import-position
+from ald_jax.system import pool as pool_lib  # pylint: disable=wrong-import-position
 from ald_jax.system import ray_pool  # pylint: disable=wrong-import-position
 from ald_jax.system import run  # pylint: disable=wrong-import-position
 
+from test_system_actor import FAKE_CORE, CounterEnv, JOIN_S, _params  # pylint: disable=wrong-import-order,wrong-import-position
 from test_system_run import tiny_run  # pylint: disable=wrong-import-order,wrong-import-position
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -26,9 +30,10 @@ def process_run(tmp_path, **changes):
 
 
 class RowHook:
-  """Wraps LearnerLoop.row to look at the running system at each report."""
+  """Wraps LearnerLoop.row to look at the running system at each report:
+  calls on_row(pool, row) (or on_row(pool, row, loop) with with_loop)."""
 
-  def __init__(self, monkeypatch, on_row):
+  def __init__(self, monkeypatch, on_row, with_loop=False):
     original = loop_lib.LearnerLoop.row
     self.pools = []
 
@@ -38,17 +43,97 @@ class RowHook:
         self.pools.append(pool)
       result = original(loop, stopped_by)
       if not stopped_by:
-        on_row(pool, result)
+        if with_loop:
+          on_row(pool, result, loop)
+        else:
+          on_row(pool, result)
       return result
     monkeypatch.setattr(loop_lib.LearnerLoop, "row", row)
+
+
+def _group_spec(make_env, num_actors=4, envs=2) -> pool_lib.ActorSpec:
+  return pool_lib.ActorSpec(
+      make_env=make_env, core=FAKE_CORE, num_actors=num_actors,
+      envs_per_actor=envs, unroll_length=4, context_length=3,
+      seed_for=lambda i: i, cores=[None] * num_actors, t_actor_budget_ms=None,
+      env_info=None)
+
+
+def _unrolls_until_every_actor_is_seen(group, actor_ids, envs,
+                                       deadline_s=60.0):
+  """Takes unrolls until each actor sent one; fails loudly after deadline_s."""
+  seen = {}
+  deadline = time.monotonic() + deadline_s
+  while time.monotonic() < deadline:
+    for unroll in group.take_unrolls(JOIN_S):
+      seen.setdefault(int(unroll.stream_id[0]) // envs, []).append(unroll)
+    if set(seen) == set(actor_ids):
+      return seen
+  raise AssertionError(f"only actors {sorted(seen)} sent unrolls")
+
+
+def test_actor_group_runs_pinned_threads_with_their_actors_streams():
+  """The threads of one actor process (no Ray here): thread k acts as actor
+  actor_ids[k] with that actor's streams, pinned to its own core."""
+  available = affinity.available_cores()
+  cores = affinity.spread_threads(available, 2)
+  group = ray_pool.ActorGroup(
+      [2, 3], _group_spec(lambda i: CounterEnv((5, 7))), FAKE_CORE,
+      seeds=[1, 2], cores=cores, queue_capacity=2, poll_s=0.02)
+  group.start()
+  group.publish(_params(1.0), version=4)
+  try:
+    seen = _unrolls_until_every_actor_is_seen(group, [2, 3], envs=2)
+    reply = group.report([], with_latency=True)
+  finally:
+    assert group.stop(JOIN_S)
+  for actor_id, unrolls in seen.items():
+    assert {tuple(u.stream_id) for u in unrolls} == {
+        (2 * actor_id, 2 * actor_id + 1)}
+  assert [s.actor_id for s in reply.stats] == [2, 3]
+  assert all(s.unrolls > 0 and s.params_version == 4 for s in reply.stats)
+  assert len(reply.latency) == 2 and len(reply.idle_s) == 2
+  # Pinned as assigned, seen from inside each thread.
+  assert [s.affinity for s in reply.stats] == cores
+  if available is not None and len(available) >= 2:
+    assert cores[0] != cores[1]
+  assert reply.error is None
+  assert not [t for t in group.threads if t.is_alive()]
+
+
+def test_actor_group_one_failing_thread_stops_the_group_naming_it():
+  group = ray_pool.ActorGroup(
+      [0, 1], _group_spec(lambda i: CounterEnv(
+          (5, 7), raise_after=2 if i == 1 else None), num_actors=2),
+      FAKE_CORE, seeds=[1, 2], cores=[None, None], queue_capacity=2,
+      poll_s=0.02)
+  group.start()
+  group.publish(_params(1.0), version=1)
+  # Actor 1 fails before its first unroll; actor 0 stops with it.
+  for thread in group.threads:
+    thread.join(JOIN_S)
+  try:
+    assert not [t for t in group.threads if t.is_alive()]
+    reply = group.report([], with_latency=False)
+    assert reply.error.startswith(
+        "actor 1: RuntimeError: fake env exploded at step 2"), reply.error
+    assert "in step" in reply.error_traceback
+  finally:
+    group.stop(JOIN_S)
 
 
 @pytest.mark.timeout(300)
 def test_processes_act_get_params_are_trained_on_and_shut_down(
     tmp_path, monkeypatch):
   seen_threads = []
-  hook = RowHook(monkeypatch, lambda pool, row: seen_threads.append(
-      [t.name for t in threading.enumerate()]))
+  ray_processes = {}  # pid -> kind: the local Ray's raylet, GCS, ...
+
+  def look(pool, row):
+    seen_threads.append([t.name for t in threading.enumerate()])
+    node = ray._private.worker._global_node  # pylint: disable=protected-access
+    ray_processes.update({p.pid: kind for kind, p in node.live_processes()})
+
+  hook = RowHook(monkeypatch, look)
   result = run.train(process_run(tmp_path))
   assert result.stopped_by == "budget"
   # The learner's process ran no actor thread while the processes acted.
@@ -57,16 +142,26 @@ def test_processes_act_get_params_are_trained_on_and_shut_down(
               if n.startswith("actor-")]
   row = result.final_row
   for i in range(2):
-    # Unrolls from every process reached the learner, and every process
-    # acted with a version published after the first.
-    assert row[f"actor{i}_unrolls"] > 0, row
+    # Unrolls from every process reached the learner and were trained on,
+    # and every process acted with a version published after the first.
+    assert row[f"process{i}_unrolls"] == row[f"actor{i}_unrolls"] > 0, row
+    assert row[f"actor{i}_trained_rows"] > 0, row
     assert row[f"actor{i}_params_version"] > 1, row
+    assert row[f"process{i}_restarts"] == 0
   assert row["learner_steps"] > 0 and row["t_actor_count"] > 0
   assert row["actor_restarts"] == 0
+  # Each process's threads were pinned to the cores assigned to them.
+  spec = hook.pools[0]._spec  # pylint: disable=protected-access
+  assert [s.last.stats[0].affinity for s in hook.pools[0]._slots  # pylint: disable=protected-access
+         ] == spec.cores[:2]
   # Nothing left: the run started Ray and shut it down, processes are gone.
   assert not ray.is_initialized()
   pids = hook.pools[0].actor_pids()
   assert len(pids) == 2 and not [p for p in pids if ray_pool.process_alive(p)]
+  assert "raylet" in ray_processes.values(), ray_processes
+  left = {pid: kind for pid, kind in ray_processes.items()
+          if ray_pool.process_alive(pid)}
+  assert not left, f"Ray processes left after the run: {left}"
 
 
 @pytest.mark.timeout(300)
@@ -85,12 +180,14 @@ def test_killed_process_restarts_then_the_limit_stops_the_run(
   RowHook(monkeypatch, kill_one)
   config = process_run(tmp_path, total_env_steps=10**8, max_actor_restarts=1)
   with pytest.raises(errors.ActorRestartLimitError,
-                     match=r"actor 0 failed .* --max_actor_restarts=1; its "
-                     r"last failure: process died"):
+                     match=r"actor process 0 \(actor 0\) failed .* "
+                     r"--max_actor_restarts=1; its last failure: process died"):
     run.train(config)
   assert len(killed) == 2
   rows = metrics_lib.read_metrics(tmp_path)
   assert max(r.get("actor_restarts", 0) for r in rows) == 1
+  assert max(r.get("process0_restarts", 0) for r in rows) == 1
+  assert max(r.get("process1_restarts", 0) for r in rows) == 0
   assert not ray.is_initialized()
 
 
@@ -128,7 +225,8 @@ def test_stalled_process_is_restarted_then_the_limit_stops_the_run(tmp_path):
   config = process_run(tmp_path, total_env_steps=10**8, actor_stall_s=3.0,
                        max_actor_restarts=1)
   with pytest.raises(errors.ActorRestartLimitError,
-                     match=r"its last failure: stalled: no environment step"):
+                     match=r"its last failure: stalled: actor [01] made no "
+                     r"environment step"):
     run.train(config, env_factory=HangingIMaze())
   assert not ray.is_initialized()
 
@@ -160,6 +258,127 @@ def test_hanging_env_in_processes_stops_at_the_wall_time_limit_leaving_nothing(
   pids = hook.pools[0].actor_pids()
   assert len(pids) == 2 and not [p for p in pids if ray_pool.process_alive(p)]
   assert not ray.is_initialized()
+
+
+def test_one_process_runs_two_pinned_threads_as_one_unit(tmp_path,
+                                                        monkeypatch):
+  """threads_per_actor_process=2: one Ray actor process (2 CPUs) hosts actors
+  0 and 1; both threads' unrolls are trained on and add up to the process's
+  counters; each thread is pinned to its own assigned cores."""
+  seen = []
+  hook = RowHook(monkeypatch, lambda pool, row: seen.append(
+      [t.name for t in threading.enumerate()]))
+  result = run.train(process_run(tmp_path, threads_per_actor_process=2))
+  assert result.stopped_by == "budget"
+  assert seen and not [n for names in seen for n in names
+                       if n.startswith("actor-")]
+  row = result.final_row
+  assert "process1_unrolls" not in row  # one process
+  assert row["process0_unrolls"] == row["actor0_unrolls"] + row[
+      "actor1_unrolls"]
+  for i in range(2):
+    assert row[f"actor{i}_unrolls"] > 0 and row[f"actor{i}_trained_rows"] > 0
+    assert row[f"actor{i}_params_version"] > 1, row
+  assert row["process0_env_steps"] == row["env_steps"] >= 1500
+  pool = hook.pools[0]
+  slot = pool._slots[0]  # pylint: disable=protected-access
+  assert slot.actor_ids == [0, 1] and len(pool.actor_pids()) == 1
+  spec_cores = pool._spec.cores  # pylint: disable=protected-access
+  pinned = [stats.affinity for stats in slot.last.stats]
+  assert pinned == spec_cores[:2]  # as assigned, seen inside each thread
+  if not affinity.assign_cores(2, reserve_for_learner=1).shared:
+    assert not pinned[0] & pinned[1]  # distinct cores (needs >= 3 cores)
+  assert not ray.is_initialized()
+  assert not [p for p in pool.actor_pids() if ray_pool.process_alive(p)]
+
+
+class ExplodingIMaze:
+  """I-Maze environments that raise after 30 steps (pickled by value)."""
+
+  def __call__(self, seed):
+    from ald_jax.envs import imaze  # pylint: disable=import-outside-toplevel
+
+    class Env(imaze.IMaze):
+      steps = 0
+
+      def step(self, action):
+        self.steps += 1
+        if self.steps > 30:
+          raise RuntimeError("env exploded")
+        return super().step(action)
+    return Env(seed=seed)
+
+
+@pytest.mark.timeout(300)
+def test_env_error_in_one_thread_stops_the_run_naming_process_and_actor(
+    tmp_path):
+  import sys  # pylint: disable=import-outside-toplevel
+  from ray import cloudpickle  # pylint: disable=import-outside-toplevel
+  cloudpickle.register_pickle_by_value(sys.modules[__name__])
+  config = process_run(tmp_path, total_env_steps=10**8,
+                       threads_per_actor_process=2)
+  with pytest.raises(errors.RunError,
+                     match=r"error in actor process 0 \(actors 0-1\), pid "
+                     r"\d+: actor [01]: RuntimeError: env exploded"):
+    run.train(config, env_factory=ExplodingIMaze())
+  rows = metrics_lib.read_metrics(tmp_path)
+  assert rows[-1]["stopped_by"] == "error"
+  # The stop sequence still wrote the final checkpoint.
+  assert any(name.isdigit() for name in
+             os.listdir(os.path.join(tmp_path, run.CHECKPOINT_DIR)))
+  assert not ray.is_initialized()
+
+
+@pytest.mark.timeout(400)
+def test_cluster_killed_actor_process_restarts_and_the_run_finishes(
+    tmp_path, monkeypatch):
+  """A head without CPUs plus two 1-CPU worker nodes: actor process 0 is
+  killed (kill -9) mid-run, restarted on a worker, its new incarnation sends
+  unrolls again, and the run then finishes normally."""
+  from ray import cluster_utils  # pylint: disable=import-outside-toplevel
+  killed = []
+
+  def kill_then_finish(pool, row, loop):
+    slot = pool._slots[0]  # pylint: disable=protected-access
+    if slot.last is None:
+      return
+    if not killed:
+      killed.append((slot.last.pid, row["process0_env_steps"]))
+      os.kill(slot.last.pid, signal.SIGKILL)
+    elif slot.last.pid != killed[0][0] and sum(
+        s.unrolls for s in slot.last.stats) > 0:
+      loop.request_stop("restarted_process_acted")
+
+  hook = RowHook(monkeypatch, kill_then_finish, with_loop=True)
+  cluster = cluster_utils.Cluster(
+      initialize_head=True, head_node_args={"num_cpus": 0})
+  workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+  cluster.wait_for_nodes()
+  try:
+    config = process_run(tmp_path, ray_address=cluster.address,
+                         total_env_steps=10**8, max_actor_restarts=1)
+    result = run.train(config)
+    pool = hook.pools[0]
+    placed = pool.actor_node_ids()
+  finally:
+    if ray.is_initialized():
+      ray.shutdown()
+    cluster.shutdown()
+  assert result.stopped_by == "restarted_process_acted"
+  row = result.final_row
+  assert row["actor_restarts"] == row["process0_restarts"] == 1
+  assert row["process1_restarts"] == 0
+  slot = pool._slots[0]  # pylint: disable=protected-access
+  assert len(slot.pids) == 2 and slot.pids[0] == killed[0][0]
+  # Env steps of the killed incarnation are kept; the new one added more.
+  assert row["process0_env_steps"] > killed[0][1]
+  assert placed and placed <= {w.node_id for w in workers}
+  # On a cluster a process pins its thread to one core of its own affinity.
+  available = set(affinity.available_cores() or [])
+  for s in pool._slots:  # pylint: disable=protected-access
+    for stats in s.last.stats:
+      assert stats.affinity is not None and len(stats.affinity) == 1
+      assert stats.affinity <= available
 
 
 @pytest.mark.slow

@@ -96,6 +96,23 @@ def test_new_system_flags_reach_the_config():
     parse("--num_actors=1", "--envs_per_actor=4", "--batch_size=8")
 
 
+def test_threads_per_actor_process_flag_is_validated():
+  config = parse("--actors=processes", "--num_actors=4",
+                 "--threads_per_actor_process=2")
+  assert config.threads_per_actor_process == 2
+  assert parse().threads_per_actor_process == 1
+  with pytest.raises(app.UsageError,
+                     match="--threads_per_actor_process: needs actors="):
+    parse("--num_actors=4", "--threads_per_actor_process=2")  # threads mode
+  with pytest.raises(app.UsageError,
+                     match=r"--threads_per_actor_process: must divide "
+                     r"num_actors \(3\)"):
+    parse("--actors=processes", "--num_actors=3",
+          "--threads_per_actor_process=2")
+  with pytest.raises(app.UsageError, match="--threads_per_actor_process"):
+    parse("--actors=processes", "--threads_per_actor_process=0")
+
+
 def test_exit_status():
   assert train.exit_status("budget") == 0
   assert train.exit_status("wall_time") == 0

@@ -1,6 +1,7 @@
 """Core affinity: which cores actors and the learner run on (Linux).
 
 `assign_cores` splits the process's cores between the learner and actors;
+`spread_threads` gives each thread of an actor process one of its cores;
 `pin_current_thread` pins the calling thread (actor threads pin themselves);
 `pinned_process` confines every thread of the process (the learner and XLA's
 CPU pool) and restores the previous affinity afterwards, so a second run in
@@ -62,6 +63,28 @@ def assign_cores(num_actors: int, reserve_for_learner: int = 1,
     return CoreAssignment(actors, learner, False)
   actors = [frozenset({pool[i % len(pool)]}) for i in range(num_actors)]
   return CoreAssignment(actors, learner, True)
+
+
+def spread_threads(allotment: Sequence[int] | None, num_threads: int,
+                   offset: int = 0) -> list[frozenset[int] | None]:
+  """One core each for `num_threads` threads, taken from `allotment`.
+
+  Thread k gets core `allotment[(offset + k) % len(allotment)]`: distinct
+  cores while `num_threads <= len(allotment)`, shared round-robin beyond.
+  An actor process on a Ray cluster uses it with its own affinity as the
+  allotment and its first actor id as `offset` (Ray grants a number of CPUs,
+  not core ids, so processes on one node spread by id). None (no affinity
+  API): no pinning.
+  """
+  if num_threads <= 0:
+    raise ValueError(f"num_threads must be > 0, got {num_threads}")
+  if allotment is None:
+    return [None] * num_threads
+  cores = sorted(allotment)
+  if not cores:
+    raise ValueError("no cores in the allotment")
+  return [frozenset({cores[(offset + k) % len(cores)]})
+          for k in range(num_threads)]
 
 
 def pin_current_thread(cores: Collection[int] | None) -> frozenset[int] | None:

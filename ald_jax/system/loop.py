@@ -14,6 +14,8 @@ import threading
 import time
 from typing import Any, Callable
 
+import numpy as np
+
 from ald_jax import config as config_lib
 from ald_jax import metrics as metrics_lib
 from ald_jax.system import learner_driver as driver_lib
@@ -63,6 +65,8 @@ class LearnerLoop:
     self._episodes = metrics_lib.EpisodeWindow(size=200)
     self._rate = metrics_lib.RateMeter()
     self._batcher: Any = None  # chosen from the first unroll's fields
+    # Rows each actor contributed to RL steps (stream id // E is the actor).
+    self._trained_rows = np.zeros(config.num_actors, np.int64)
     self._start_time = time.perf_counter()
 
   # ---- state read by the run module ----
@@ -96,6 +100,8 @@ class LearnerLoop:
                 "params_version": self._pool.params_version,
                 "batch_repeated_rows": getattr(self._batcher, "repeated_rows",
                                                0)})
+    for actor_id, rows in enumerate(self._trained_rows):
+      row[f"actor{actor_id}_trained_rows"] = int(rows)
     row.update(self.phases.summary())
     row.update(self._driver.metrics())
     if self._evaluator is not None:
@@ -147,6 +153,11 @@ class LearnerLoop:
         return
       with self.phases.phase("step"):
         self._driver.train(batch)
+      stream_id = getattr(batch, "stream_id", None)
+      if stream_id is not None:
+        self._trained_rows += np.bincount(
+            np.asarray(stream_id) // self._config.envs_per_actor,
+            minlength=self._trained_rows.size)
       with self.phases.phase("publish"):
         self._pool.publish(self._driver.actor_params())
 

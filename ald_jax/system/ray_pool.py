@@ -2,22 +2,32 @@
 
 The learner's process runs no actor. Each Ray actor process (`_ActorProcess`)
 builds its own learner definition on its own JAX CPU client, builds its
-environments itself and runs one pinned `ActorThread` feeding a small local
-queue. The learner side (`RayActorPool`) keeps one outstanding `poll` call
-per process; each call carries the newest parameter version (one `ray.put`
-per publish, passed by reference: a process fetches it only when it is newer
+environments itself and runs `threads_per_actor_process` pinned
+`ActorThread`s (an `ActorGroup`; one by default) feeding a small local queue.
+Actor thread i acts exactly as actor i does in thread mode (envs, seed,
+stream ids); process p hosts threads p*N .. p*N+N-1 and asks Ray for N CPUs.
+The learner side (`RayActorPool`) keeps one outstanding `poll` call per
+process; each call carries the newest parameter version (one `ray.put` per
+publish, passed by reference: a process fetches it only when it is newer
 than what it has) and returns the unrolls ready by then as numpy arrays, the
-finished episodes and the actor's counters.
+finished episodes and each thread's counters.
 
-Faults: a process that dies (kill -9, out of memory) or makes no progress for
-`actor_stall_s` (its thread stuck in an environment, or the whole process
-unresponsive) is killed and started again with the same stream ids (its
-streams start fresh episodes; `unroll_index` restarts at 0, so the learner
-treats them as new streams). Restarts are counted (`actor_restarts`); past
-`max_actor_restarts` the run stops with an error naming the actor and its
-last failure. An exception inside an environment stops the run as in thread
-mode. `stop` ends every process; Ray itself is shut down when the run
-started it.
+Pinning: on a local Ray each thread gets the core set thread mode would give
+that actor (`affinity.assign_cores`). On a cluster Ray grants a number of
+CPUs, not core ids, so a process pins its threads to distinct cores of its
+own affinity (`affinity.spread_threads`, spread by actor id).
+
+Faults: a process is one unit. One that dies (kill -9, out of memory) or
+makes no progress for `actor_stall_s` (any of its threads stuck in an
+environment, or the whole process unresponsive) is killed and started again,
+all its threads with the same stream ids (their streams start fresh
+episodes; `unroll_index` restarts at 0, so the learner treats them as new
+streams). Restarts are counted (`actor_restarts`, `process{p}_restarts`);
+past `max_actor_restarts` the run stops with an error naming the process,
+its actors and its last failure (a stall names the stuck thread's actor). An
+exception inside an environment stops the run as in thread mode, naming the
+process and the failing thread's actor. `stop` ends every process; Ray itself
+is shut down when the run started it.
 """
 from __future__ import annotations
 
@@ -26,7 +36,7 @@ import os
 import queue as queue_lib
 import threading
 import time
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 from absl import logging
 import numpy as np
@@ -34,8 +44,11 @@ import numpy as np
 from ald_jax import config as config_lib
 from ald_jax import types
 from ald_jax.system import actor as actor_lib
+from ald_jax.system import affinity
 from ald_jax.system import errors
+from ald_jax.system import params as params_lib
 from ald_jax.system import pool as pool_lib
+from ald_jax.system import queue as queue_utils
 from ald_jax.system import timing
 
 # Ray refuses multi-node clusters on Windows/macOS unless this is set; the
@@ -72,44 +85,130 @@ class LatencySnapshot(NamedTuple):
 
 
 class PollReply(NamedTuple):
+  """What one poll of an actor process returns; lists are per thread, in
+  actor-id order."""
   unrolls: list[types.Batch]
   episodes: list[actor_lib.Episode]
-  stats: actor_lib.ActorStats
-  latency: LatencySnapshot | None  # only when asked (report time)
-  idle_s: float                    # seconds since the thread last progressed
-  error: str | None                # "Type: message" of the thread's failure
+  stats: list[actor_lib.ActorStats]
+  latency: list[LatencySnapshot] | None  # only when asked (report time)
+  idle_s: list[float]             # seconds since each thread last progressed
+  error: str | None               # "actor I: Type: message" of the failure
   error_traceback: str | None
   pid: int
-  node_id: str                     # the Ray node the process runs on
+  node_id: str                    # the Ray node the process runs on
+
+
+def _snapshot(recorder: timing.LatencyRecorder) -> LatencySnapshot:
+  return LatencySnapshot(recorder.values_ns()[-LATENCY_SAMPLES:],
+                         recorder.count, recorder.max_ns,
+                         recorder.over_budget, recorder.budget_ms)
+
+
+class ActorGroup:
+  """The actor threads of one actor process, run and reported as one unit.
+
+  Thread k acts as actor `actor_ids[k]` (its envs, seed and stream ids are
+  the ones that actor has in thread mode) pinned to `cores[k]`. The threads
+  share one parameter slot, one unroll queue and one stop event: a thread
+  that fails stops its siblings, and the error names the failing actor.
+  Plain threads, no Ray: `_ActorProcess` wraps it in a Ray actor.
+  """
+
+  def __init__(self, actor_ids: Sequence[int], spec: pool_lib.ActorSpec,
+               core: Any, seeds: Sequence[int],
+               cores: Sequence[frozenset[int] | None], queue_capacity: int,
+               poll_s: float = 0.1):
+    if not actor_ids or not len(actor_ids) == len(seeds) == len(cores):
+      raise ValueError(f"one seed and one core set per actor id, got "
+                       f"{len(actor_ids)} ids, {len(seeds)} seeds, "
+                       f"{len(cores)} core sets")
+    self._stop = threading.Event()
+    self._errors = queue_utils.ErrorHolder(self._stop)
+    self._slot = params_lib.ParamsSlot()
+    self._queue: queue_lib.Queue = queue_lib.Queue(
+        maxsize=queue_capacity * len(actor_ids))
+    self.threads = [
+        actor_lib.ActorThread(
+            actor_id, lambda i=actor_id: spec.make_env(i), core, self._slot,
+            self._queue, self._stop, self._errors,
+            unroll_length=spec.unroll_length,
+            context_length=spec.context_length, seed=seed, cores=thread_cores,
+            t_actor_budget_ms=spec.t_actor_budget_ms,
+            stream_offset=actor_id * spec.envs_per_actor,
+            env_info=spec.env_info, nonfinite_obs=spec.nonfinite_obs,
+            poll_s=poll_s)
+        for actor_id, seed, thread_cores in zip(actor_ids, seeds, cores)]
+
+  def start(self) -> None:
+    """Starts every thread; they act once the first parameters arrive."""
+    now = time.monotonic()
+    for thread in self.threads:
+      thread.last_progress = now
+      thread.start()
+
+  def publish(self, params: Any, version: int) -> None:
+    self._slot.publish(params, copy_to_host=False, version=version)
+
+  def take_unrolls(self, timeout_s: float) -> list[types.Batch]:
+    """Waits up to `timeout_s` for one unroll, then takes all that are ready."""
+    unrolls = []
+    deadline = time.monotonic() + timeout_s
+    while not unrolls or not self._queue.empty():
+      try:
+        unrolls.append(self._queue.get(
+            timeout=max(0.0, deadline - time.monotonic())))
+      except queue_lib.Empty:
+        break
+    return unrolls
+
+  def report(self, unrolls: list[types.Batch], with_latency: bool,
+             node_id: str = "") -> PollReply:
+    now = time.monotonic()
+    return PollReply(
+        unrolls, [e for t in self.threads for e in t.drain_episodes()],
+        [t.stats() for t in self.threads],
+        [_snapshot(t.latency) for t in self.threads] if with_latency else None,
+        [now - t.last_progress for t in self.threads],
+        self._errors.message() or None, self._errors.traceback, os.getpid(),
+        node_id)
+
+  def stop(self, timeout_s: float) -> bool:
+    """Stops every thread within one deadline; True if all ended."""
+    self._stop.set()
+    deadline = time.monotonic() + timeout_s
+    for thread in self.threads:
+      if thread.ident is not None:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return not any(t.is_alive() for t in self.threads)
 
 
 class _ActorProcess:
-  """Runs inside a Ray actor process: one ActorThread and its queue."""
+  """Runs inside a Ray actor process: an ActorGroup of pinned threads.
 
-  def __init__(self, actor_id: int, spec_blob: bytes, learner_config: Any,
-               env_info: Any, seed: int, cores, queue_capacity: int):
+  `cores` holds one core set per thread (a local Ray: assigned by the
+  learner like thread mode's) or is None (a cluster: the process pins its
+  threads to distinct cores of its own affinity, see
+  `affinity.spread_threads`).
+  """
+
+  def __init__(self, actor_ids: Sequence[int], spec_blob: bytes,
+               learner_config: Any, env_info: Any, seeds: Sequence[int],
+               cores: Sequence[frozenset[int] | None] | None,
+               queue_capacity: int):
     import jax  # pylint: disable=import-outside-toplevel
     from ray import cloudpickle  # pylint: disable=import-outside-toplevel
     from ald_jax import learner as learner_lib  # pylint: disable=import-outside-toplevel
-    from ald_jax.system import params as params_lib  # pylint: disable=import-outside-toplevel
-    from ald_jax.system import queue as queue_utils  # pylint: disable=import-outside-toplevel
     jax.config.update("jax_cpu_enable_async_dispatch", False)
     spec = cloudpickle.loads(spec_blob)
     core = learner_lib.make_learner(learner_config, env_info.obs_shape,
                                     env_info.num_actions).actor_core
+    if cores is None:
+      cores = affinity.spread_threads(affinity.available_cores(),
+                                      len(actor_ids), offset=actor_ids[0])
     self._ray = _import_ray()
-    self._stop = threading.Event()
-    self._errors = queue_utils.ErrorHolder(self._stop)
-    self._slot = params_lib.ParamsSlot()
-    self._queue: queue_lib.Queue = queue_lib.Queue(maxsize=queue_capacity)
-    self._thread = actor_lib.ActorThread(
-        actor_id, lambda: spec.make_env(actor_id), core, self._slot,
-        self._queue, self._stop, self._errors,
-        unroll_length=spec.unroll_length, context_length=spec.context_length,
-        seed=seed, cores=cores, t_actor_budget_ms=spec.t_actor_budget_ms,
-        stream_offset=actor_id * spec.envs_per_actor, env_info=env_info,
-        nonfinite_obs=spec.nonfinite_obs)
-    self._thread.start()  # acts once the first parameters arrive
+    self._group = ActorGroup(actor_ids, spec, core, seeds, cores,
+                             queue_capacity)
+    self._group.start()
     self._node_id = self._ray.get_runtime_context().get_node_id()
     self._version = 0
 
@@ -119,45 +218,27 @@ class _ActorProcess:
     if version > self._version:
       params = self._ray.get(params_ref[0])
       self._version = version
-      self._slot.publish(params, copy_to_host=False, version=version)
-    unrolls = []
-    deadline = time.monotonic() + POLL_S
-    while not unrolls or not self._queue.empty():
-      try:
-        unrolls.append(self._queue.get(
-            timeout=max(0.0, deadline - time.monotonic())))
-      except queue_lib.Empty:
-        break
-    latency = None
-    if with_latency:
-      recorder = self._thread.latency
-      latency = LatencySnapshot(recorder.values_ns()[-LATENCY_SAMPLES:],
-                                recorder.count, recorder.max_ns,
-                                recorder.over_budget, recorder.budget_ms)
-    error = self._errors.message() or None
-    return PollReply(unrolls, self._thread.drain_episodes(),
-                     self._thread.stats(), latency,
-                     time.monotonic() - self._thread.last_progress, error,
-                     self._errors.traceback, os.getpid(), self._node_id)
+      self._group.publish(params, version)
+    unrolls = self._group.take_unrolls(POLL_S)
+    return self._group.report(unrolls, with_latency, self._node_id)
 
   def stop(self, timeout_s: float) -> bool:
-    """Stops the thread; True if it ended within `timeout_s`."""
-    self._stop.set()
-    if self._thread.ident is not None:
-      self._thread.join(timeout_s)
-    return not self._thread.is_alive()
+    """Stops the threads; True if they ended within `timeout_s`."""
+    return self._group.stop(timeout_s)
 
 
 class _Slot:
-  """The learner's view of one actor id: its current process and history."""
+  """The learner's view of one actor process: its current incarnation and
+  history. It hosts actors `actor_ids` (one thread each)."""
 
-  def __init__(self, actor_id: int):
-    self.actor_id = actor_id
+  def __init__(self, process_id: int, actor_ids: Sequence[int]):
+    self.process_id = process_id
+    self.actor_ids = list(actor_ids)
     self.handle: Any = None
     self.pending: Any = None          # the outstanding poll's ObjectRef
     self.pending_since = 0.0
     self.last: PollReply | None = None
-    self.latency: LatencySnapshot | None = None
+    self.latency: list[LatencySnapshot] | None = None
     self.env_steps_before = 0         # env steps of earlier incarnations
     self.restarts = 0
     self.unrolls_received = 0
@@ -166,14 +247,23 @@ class _Slot:
     self.node_ids: set[str] = set()
 
   @property
+  def name(self) -> str:
+    ids = self.actor_ids
+    actors = (f"actor {ids[0]}" if len(ids) == 1
+              else f"actors {ids[0]}-{ids[-1]}")
+    return f"actor process {self.process_id} ({actors})"
+
+  @property
   def env_steps(self) -> int:
-    now = self.last.stats.env_steps if self.last is not None else 0
+    now = (sum(s.env_steps for s in self.last.stats)
+           if self.last is not None else 0)
     return self.env_steps_before + now
 
 
 class RayActorPool:
   """Actor processes under Ray; see the module doc. Builds nothing until
-  `start`."""
+  `start`. Process p runs actors p*N .. p*N+N-1 (N:
+  `config.threads_per_actor_process`) and asks Ray for N CPUs."""
 
   def __init__(self, spec: pool_lib.ActorSpec, config: config_lib.TrainConfig,
                poll_queue_capacity: int = 2):
@@ -183,7 +273,11 @@ class RayActorPool:
     self._connected = False   # this pool called ray.init
     self._started_ray = False  # ... and that started a local Ray
     self._remote_class: Any = None
-    self._slots = [_Slot(i) for i in range(spec.num_actors)]
+    per_process = config.threads_per_actor_process  # divides num_actors
+    self._slots = [
+        _Slot(p, range(p * per_process, (p + 1) * per_process))
+        for p in range(spec.num_actors // per_process)]
+    self._actor_unrolls = [0] * spec.num_actors  # received, per actor thread
     self._ready: list[types.Batch] = []
     self._episodes: list[actor_lib.Episode] = []
     self._params_ref: Any = None
@@ -209,14 +303,15 @@ class RayActorPool:
     if not ray.is_initialized():
       address = self._config.ray_address or None
       kwargs = {}
-      if address is None:  # a local Ray with a CPU slot for each actor
+      if address is None:  # a local Ray with a CPU slot for each thread
         kwargs["num_cpus"] = max(os.cpu_count() or 1, self._spec.num_actors)
       ray.init(address=address, include_dashboard=False,
                log_to_driver=False, configure_logging=False,
                runtime_env={"env_vars": env_vars}, **kwargs)
       self._connected = True
       self._started_ray = address is None
-    self._remote_class = ray.remote(num_cpus=1)(_ActorProcess)
+    self._remote_class = ray.remote(
+        num_cpus=self._config.threads_per_actor_process)(_ActorProcess)
     # What a process needs besides the learner config: envs and sizes (the
     # actor core is rebuilt there from the config).
     spec = copy.copy(self._spec)
@@ -228,11 +323,13 @@ class RayActorPool:
 
   def _launch(self, slot: _Slot) -> None:
     spec, cfg = self._spec, self._config
-    # On a cluster core ids of this machine mean nothing: pin only locally.
-    cores = spec.cores[slot.actor_id] if not cfg.ray_address else None
-    seed = spec.seed_for(slot.actor_id) + 7919 * slot.restarts
+    # On a local Ray the learner assigns cores as in thread mode; on a
+    # cluster core ids of this machine mean nothing: the process picks.
+    cores = ([spec.cores[i] for i in slot.actor_ids] if not cfg.ray_address
+             else None)
+    seeds = [spec.seed_for(i) + 7919 * slot.restarts for i in slot.actor_ids]
     slot.handle = self._remote_class.remote(
-        slot.actor_id, self._spec_blob, cfg.learner, spec.env_info, seed,
+        slot.actor_ids, self._spec_blob, cfg.learner, spec.env_info, seeds,
         cores, self._queue_capacity)
     slot.last = None
     slot.pending = None
@@ -279,8 +376,8 @@ class RayActorPool:
   def _take(self, slot: _Slot, reply: PollReply) -> None:
     if reply.error is not None:
       raise errors.RunError(
-          f"run stopped by an error in actor {slot.actor_id} (process "
-          f"{reply.pid}): {reply.error}", reply.error_traceback)
+          f"run stopped by an error in {slot.name}, pid {reply.pid}: "
+          f"{reply.error}", reply.error_traceback)
     slot.last = reply
     if reply.pid not in slot.pids:
       slot.pids.append(reply.pid)
@@ -288,24 +385,28 @@ class RayActorPool:
     if reply.latency is not None:
       slot.latency = reply.latency
     slot.unrolls_received += len(reply.unrolls)
+    envs = self._spec.envs_per_actor
+    for unroll in reply.unrolls:  # an unroll's rows are one actor's streams
+      self._actor_unrolls[int(unroll.stream_id[0]) // envs] += 1
     self._ready.extend(reply.unrolls)
     self._episodes.extend(reply.episodes)
     stall_s = self._config.actor_stall_s
-    if stall_s and reply.idle_s > stall_s:
-      self._restart(slot, f"stalled: no environment step for "
-                    f"{reply.idle_s:.1f} s (--actor_stall_s={stall_s:g})")
+    worst = max(range(len(reply.idle_s)), key=reply.idle_s.__getitem__)
+    if stall_s and reply.idle_s[worst] > stall_s:
+      self._restart(slot, f"stalled: actor {slot.actor_ids[worst]} made no "
+                    f"environment step for {reply.idle_s[worst]:.1f} s "
+                    f"(--actor_stall_s={stall_s:g})")
 
   def _restart(self, slot: _Slot, why: str) -> None:
     slot.last_failure = why
     limit = self._config.max_actor_restarts
     if sum(s.restarts for s in self._slots) >= limit:
       raise errors.ActorRestartLimitError(
-          f"actor {slot.actor_id} failed and the run is past "
+          f"{slot.name} failed and the run is past "
           f"--max_actor_restarts={limit}; its last failure: {why}")
     slot.restarts += 1
-    logging.warning("actor %d %s; restarting it (restart %d of %d)",
-                    slot.actor_id, why, sum(s.restarts for s in self._slots),
-                    limit)
+    logging.warning("%s %s; restarting it (restart %d of %d)", slot.name,
+                    why, sum(s.restarts for s in self._slots), limit)
     slot.env_steps_before = slot.env_steps
     try:
       self._ray.kill(slot.handle, no_restart=True)
@@ -340,17 +441,25 @@ class RayActorPool:
     return out
 
   def stats(self) -> dict[str, Any]:
+    """Pool-wide fields, per actor thread (`actor{i}_*`: T_actor, sps,
+    unrolls received, parameter version) and per process (`process{p}_*`:
+    unrolls, env steps, restarts)."""
     # T_actor samples come with the next polls (asked at report time).
     self._want_latency = True
-    views = [_View(slot, self._spec) for slot in self._slots]
+    views = [_View(slot, k, self._spec) for slot in self._slots
+             for k in range(len(slot.actor_ids))]
     row = actor_lib.summarize_actors(views, per_actor=True)
     row["env_steps"] = self.env_steps()
     row["actor_restarts"] = sum(s.restarts for s in self._slots)
+    for view in views:
+      stats = view.stats()
+      prefix = f"actor{stats.actor_id}_"
+      row[prefix + "unrolls"] = self._actor_unrolls[stats.actor_id]
+      row[prefix + "params_version"] = stats.params_version
     for slot in self._slots:
-      prefix = f"actor{slot.actor_id}_"
+      prefix = f"process{slot.process_id}_"
       row[prefix + "unrolls"] = slot.unrolls_received
-      row[prefix + "params_version"] = (slot.last.stats.params_version
-                                        if slot.last else 0)
+      row[prefix + "env_steps"] = slot.env_steps
       row[prefix + "restarts"] = slot.restarts
     return row
 
@@ -368,20 +477,24 @@ class RayActorPool:
     ray = self._ray
     deadline = time.monotonic() + deadline_s
     handles = [s.handle for s in self._slots if s.handle is not None]
-    refs = []
-    for handle in handles:
+    stopping = []  # (slot, ref of its stop call)
+    for slot in self._slots:
+      if slot.handle is None:
+        continue
       try:
-        refs.append(handle.stop.remote(max(0.0, deadline_s - 1.0)))
+        stopping.append(
+            (slot, slot.handle.stop.remote(max(0.0, deadline_s - 1.0))))
       except Exception:  # pylint: disable=broad-except
         pass
     stuck = []
-    if refs:
+    if stopping:
+      refs = [ref for _, ref in stopping]
       done, _ = ray.wait(refs, num_returns=len(refs),
                          timeout=max(0.0, deadline - time.monotonic()))
-      for slot, ref in zip(self._slots, refs):
+      for slot, ref in stopping:
         try:
           if ref not in done or not ray.get(ref):
-            stuck.append(f"actor-{slot.actor_id}")
+            stuck.append(f"actor-process-{slot.process_id}")
         except Exception:  # pylint: disable=broad-except
           pass  # the process is gone already
     for handle in handles:
@@ -439,15 +552,18 @@ def wait_for_exit(pids: list[int], timeout_s: float) -> list[int]:
 
 
 class _View:
-  """An actor process seen through its latest reply (for summarize_actors)."""
+  """Thread k of an actor process seen through the process's latest reply
+  (for summarize_actors)."""
 
-  def __init__(self, slot: _Slot, spec: pool_lib.ActorSpec):
+  def __init__(self, slot: _Slot, k: int, spec: pool_lib.ActorSpec):
     self._slot = slot
-    self.latency = slot.latency or LatencySnapshot(
-        np.zeros(0, np.int64), 0, 0, 0, spec.t_actor_budget_ms)
+    self._k = k
+    self.latency = (slot.latency[k] if slot.latency is not None
+                    else LatencySnapshot(np.zeros(0, np.int64), 0, 0, 0,
+                                         spec.t_actor_budget_ms))
 
   def stats(self) -> actor_lib.ActorStats:
     if self._slot.last is not None:
-      return self._slot.last.stats
-    return actor_lib.ActorStats(self._slot.actor_id, 0, 0, 0, 0, 0.0, 0.0,
-                                0.0, 0, 0, 0, 0.0, None, 0)
+      return self._slot.last.stats[self._k]
+    return actor_lib.ActorStats(self._slot.actor_ids[self._k], 0, 0, 0, 0,
+                                0.0, 0.0, 0.0, 0, 0, 0, 0.0, None, 0)
