@@ -183,13 +183,20 @@ class VTraceConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
-  """Actor-learner distillation coefficients (SPEC section 1)."""
-  policy_cost: float = 1.0        # alpha_pi: KL(sg[pi_L] || pi_A)
+  """Actor-learner distillation coefficients (SPEC section 1).
+
+  Defaults chosen by measurement (experiments/results/
+  distill_weighting_cue_recall_2026-11-26_cpu2_summary.json: Cue Recall spans
+  16 and 32, 2 seeds, 400k env steps): at span 32 only alpha_pi = 10 with
+  teacher-confidence weights reached 90% on both seeds (144k, 247k env steps);
+  alpha_pi = 1 uniform (the previous default) reached it on neither.
+  """
+  policy_cost: float = 10.0       # alpha_pi: KL(sg[pi_L] || pi_A)
   value_cost: float = 1.0         # alpha_V: 1/2 (sg[V_L] - V_A)^2
   learner_pull_cost: float = 0.0  # beta: KL(sg[pi_A] || pi_L), reaches theta_L
   # Per-step weights of both terms: "uniform", or "teacher_confidence"
   # (1 - H(pi_L)/log A, normalised to mean 1: decisive steps count more).
-  step_weighting: str = "uniform"
+  step_weighting: str = "teacher_confidence"
   # Distill-only steps read the teacher's outputs "stored" with the replayed
   # rows by the combined step (LSTM only), or "recompute" them (GTrXL again).
   teacher: str = "stored"

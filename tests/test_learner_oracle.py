@@ -50,7 +50,8 @@ NUM_ACTIONS = 3
 GAMMA = 0.9
 
 
-def oracle_config(agent: str, rl_loss: str, **vmpo_changes):
+def oracle_config(agent: str, rl_loss: str, step_weighting: str = "uniform",
+                  **vmpo_changes):
   return config_lib.LearnerConfig(
       agent=agent, rl_loss=rl_loss, discount=GAMMA, unroll_length=T,
       learner_context=C, batch_size=2,
@@ -63,7 +64,8 @@ def oracle_config(agent: str, rl_loss: str, **vmpo_changes):
                                      clip_rho_threshold=1.2,
                                      clip_pg_rho_threshold=0.8, lambda_=0.9),
       distill=config_lib.DistillConfig(policy_cost=1.3, value_cost=0.6,
-                                       learner_pull_cost=0.25))
+                                       learner_pull_cost=0.25,
+                                       step_weighting=step_weighting))
 
 
 def oracle_batch(actor_state, seed=0) -> types.Batch:
@@ -107,10 +109,10 @@ def perturbed(params, seed, scale=0.3):
 
 
 @functools.lru_cache(maxsize=None)  # builds are reused across tests
-def build(agent, rl_loss, value_target="vtrace"):
+def build(agent, rl_loss, value_target="vtrace", step_weighting="uniform"):
   learner = learner_lib.make_learner(
-      oracle_config(agent, rl_loss, value_target=value_target), OBS_SHAPE,
-      NUM_ACTIONS)
+      oracle_config(agent, rl_loss, step_weighting, value_target=value_target),
+      OBS_SHAPE, NUM_ACTIONS)
   example = learner.example_batch(2)
   rng = np.random.default_rng(7)
   actor_state = jax.tree_util.tree_map(
@@ -350,13 +352,24 @@ def expected_losses(learner, state, target_params, batch, view_fn=unroll_view):
     d = cfg.distill
     actor_logits, actor_values = lstm_outputs(cfg, state.actor_params, batch)
     actor_logits, actor_values = actor_logits[:, :T], actor_values[:, :T]
-    out["distill/policy_kl"] = masked_mean(kl(loss_logits, actor_logits), mask)
-    out["distill/value_loss"] = masked_mean(
-        0.5 * (values[:, :T] - actor_values) ** 2, mask)
+    policy_kl = kl(loss_logits, actor_logits)
+    value_sq = 0.5 * (values[:, :T] - actor_values) ** 2
+    out["distill/policy_kl"] = masked_mean(policy_kl, mask)
+    out["distill/value_loss"] = masked_mean(value_sq, mask)
     out["learner/pull_kl"] = masked_mean(kl(actor_logits, loss_logits), mask)
     out["actor/entropy"] = masked_mean(entropy(actor_logits), mask)
-    total += (d.policy_cost * out["distill/policy_kl"] +
-              d.value_cost * out["distill/value_loss"] +
+    if d.step_weighting == "teacher_confidence":
+      # 1 - H(teacher)/log A, rescaled to mean 1 over the valid steps.
+      confidence = np.maximum(
+          1.0 - entropy(loss_logits) / math.log(loss_logits.shape[-1]), 0.0)
+      weights = confidence / max(masked_mean(confidence, mask), 1e-6)
+    else:
+      weights = np.ones_like(policy_kl)
+    out["distill/loss"] = (d.policy_cost * masked_mean(policy_kl * weights,
+                                                       mask) +
+                           d.value_cost * masked_mean(value_sq * weights,
+                                                      mask))
+    total += (out["distill/loss"] +
               d.learner_pull_cost * out["learner/pull_kl"])
   out["loss/total"] = total
   return out
@@ -417,6 +430,15 @@ def test_vtrace_and_nstep_oracles_by_hand():
 @pytest.mark.parametrize("agent", config_lib.AGENTS)
 def test_losses_match_oracle(agent, rl_loss):
   learner, batch, state = build(agent, rl_loss)
+  assert_matches_oracle(learner, state, batch)
+
+
+@pytest.mark.parametrize("rl_loss", ["vtrace"])
+def test_teacher_confidence_weighting_matches_oracle(rl_loss):
+  """The default step weighting: each step's distillation terms weighted by
+  the teacher's confidence (mean 1 over valid steps)."""
+  learner, batch, state = build("ald", rl_loss,
+                                step_weighting="teacher_confidence")
   assert_matches_oracle(learner, state, batch)
 
 

@@ -223,3 +223,17 @@ def test_losses_do_not_import_config():
                           env={**os.environ, "JAX_PLATFORMS": "cpu",
                                "PYTHONPATH": _REPO_ROOT})
   assert result.returncode == 0, result.stderr or "ald_jax.config imported"
+
+
+def test_teacher_confidence_step_weights_by_hand():
+  # Step 0: a uniform teacher (confidence 0); steps 1-2: p = (0.9, 0.1), so
+  # confidence 1 - H/log 2 = 0.531; step 2 is masked out of the mean.
+  logits = np.array([[0.0, 0.0], [np.log(9.0), 0.0], [np.log(9.0), 0.0]],
+                    np.float32)
+  mask = np.array([1.0, 1.0, 0.0], np.float32)
+  weights = distill.step_weights(logits, mask, "teacher_confidence")
+  np.testing.assert_allclose(weights, [0.0, 2.0, 2.0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(distill.step_weights(logits, mask, "uniform"),
+                             [1.0, 1.0, 1.0])
+  with pytest.raises(ValueError, match="unknown step weighting"):
+    distill.step_weights(logits, mask, "kl")
