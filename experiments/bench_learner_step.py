@@ -226,16 +226,23 @@ def measure_gtrxl_alone(num_steps: int, config: config_lib.LearnerConfig,
   return out
 
 
-def main_large(args) -> dict:
-  config = large_learner_config()
-  result = {
+def run_header(device: str) -> dict:
+  """What every result starts with: the command, date, machine, versions."""
+  return {
       "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec="seconds"),
       "machine": f"{platform.processor() or platform.machine()}, "
                  f"{os.cpu_count()} cores",
-      "device": str(jax.devices()[0]),
+      "device": device,
       "jax_version": jax.__version__,
+  }
+
+
+def main_large(args) -> dict:
+  config = large_learner_config()
+  result = {
+      **run_header(str(jax.devices()[0])),
       "shape": "large",
       "learner_config": {
           "batch_size": config.batch_size,
@@ -274,13 +281,7 @@ def main(argv):
                                        obs_shape=obs_shape,
                                        num_actions=num_actions)
   result = {
-      "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-          timespec="seconds"),
-      "machine": f"{platform.processor() or platform.machine()}, "
-                 f"{os.cpu_count()} cores",
-      "device": acting["device"],
-      "jax_version": jax.__version__,
+      **run_header(acting["device"]),
       "dispatch_floor_us": acting["dispatch_floor_us"],
       # The actor threads act through the lean path (LSTMPolicyValueNet.act).
       "lstm_b1_p50_us": acting["lstm_lean_b1_p50_us"],

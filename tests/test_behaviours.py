@@ -6,11 +6,11 @@ wall-clock limit; t_actor_policy="warn" in a run; the final checkpoint after
 an actor's environment crashes.
 """
 import dataclasses
+import functools
 import json
 import logging
 import os
 
-import dm_env
 import jax
 import numpy as np
 import pytest
@@ -24,6 +24,7 @@ from ald_jax import types
 from ald_jax.envs import imaze
 from ald_jax.envs import meta_fetch
 from ald_jax.system import run
+import test_system_run  # the crashing environment  # pylint: disable=g-bad-import-order
 
 GRID_KWARGS = (("flat_obs", False), ("grid_size", 4), ("num_objects", 2),
                ("time_limit", 20))
@@ -168,36 +169,13 @@ def test_t_actor_policy_warn_runs_past_an_impossible_budget(tmp_path,
   assert result.final_row["t_actor_over_budget"] > 0
 
 
-class CrashingIMaze(dm_env.Environment):
-  """I-Maze whose step raises after `crash_after` steps."""
-
-  def __init__(self, seed, crash_after=150):
-    self._env = imaze.IMaze(seed=seed)
-    self._steps = 0
-    self._crash_after = crash_after
-
-  def reset(self):
-    return self._env.reset()
-
-  def step(self, action):
-    self._steps += 1
-    if self._steps > self._crash_after:
-      raise RuntimeError("environment crashed on purpose")
-    return self._env.step(action)
-
-  def observation_spec(self):
-    return self._env.observation_spec()
-
-  def action_spec(self):
-    return self._env.action_spec()
-
-
 def test_final_checkpoint_after_an_actor_crash(tmp_path):
   # Budget 20k steps: the envs crash at 600; a run that ignored the crash
   # would end by budget and fail the `raises`.
   config = tiny_run(tmp_path, total_env_steps=20_000)
-  with pytest.raises(run.RunError, match="environment crashed on purpose"):
-    ald_jax.train(config, env_factory=CrashingIMaze)
+  with pytest.raises(run.RunError, match="environment exploded on purpose"):
+    ald_jax.train(config, env_factory=functools.partial(
+        test_system_run.CrashingEnv, crash_after=150))
   ckpt_dir = tmp_path / run.CHECKPOINT_DIR
   steps = sorted(int(name) for name in os.listdir(ckpt_dir) if name.isdigit())
   assert steps, "no final checkpoint after the crash"
