@@ -137,7 +137,9 @@ def _counting_gtrxl(monkeypatch):
 def test_replay_distill_step_uses_stored_teacher_without_the_gtrxl(
     monkeypatch, teacher):
   calls = _counting_gtrxl(monkeypatch)
-  cfg = memory_config(distill=config_lib.DistillConfig(teacher=teacher))
+  # Uniform weights: the KL below is the unweighted one the loss then lowers.
+  cfg = memory_config(distill=config_lib.DistillConfig(
+      teacher=teacher, step_weighting="uniform"))
   learner = learner_lib.make_learner(cfg, (OBS_DIM,), NUM_ACTIONS)
   rows = stream_rows(2, 1)
   state = learner.init(jax.random.PRNGKey(0), rows)

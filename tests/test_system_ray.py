@@ -25,6 +25,10 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
 def process_run(tmp_path, **changes):
+  # No learner-actor evaluation here: it builds environments in the learner's
+  # process (a hanging test environment would hang it too); it has its own
+  # tests in test_system_eval.py.
+  changes = {"eval_interval_s": 0.0, **changes}
   return tiny_run(tmp_path, agent="lstm", actors="processes",
                   report_interval_s=1.0, **changes)
 
@@ -134,7 +138,9 @@ def test_processes_act_get_params_are_trained_on_and_shut_down(
     ray_processes.update({p.pid: kind for kind, p in node.live_processes()})
 
   hook = RowHook(monkeypatch, look)
-  result = run.train(process_run(tmp_path))
+  # A budget several batches long: with 1500 steps one process could reach
+  # it before the other's first unroll is trained on (a slow process start).
+  result = run.train(process_run(tmp_path, total_env_steps=6000))
   assert result.stopped_by == "budget"
   # The learner's process ran no actor thread while the processes acted.
   assert seen_threads
