@@ -17,15 +17,16 @@ $(STAMP): setup.py constraints.txt
 train: $(STAMP)
 	$(PY) -m ald_jax.train $(ARGS)
 
-# The test suite CI runs (slow learning runs are marked and skipped here).
+# The test suite CI runs (slow runs are marked and skipped here). Two
+# pytest-xdist workers: most of the time is XLA compiling, one core each.
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" -n 2 tests
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow tests
+	$(PY) -m pytest -q -m slow -n 2 tests
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 
 bench: $(STAMP)
 	$(PY) experiments/bench_learner_step.py

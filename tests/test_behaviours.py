@@ -124,6 +124,7 @@ def test_grid_observations_through_the_learner():
     assert any("Conv" in name for name in params["params"]["encoder"])
 
 
+@pytest.mark.slow  # ~70 s; the grid path through the learner stays in make test
 def test_grid_environment_whole_run(tmp_path):
   config = tiny_run(tmp_path, agent="ald", env="meta_fetch",
                     env_kwargs=GRID_KWARGS)

@@ -119,8 +119,12 @@ def test_step_compiles_once_and_lowers_distillation_loss():
   assert float(metrics["nonfinite"]) == 0.0
 
 
-@pytest.mark.parametrize("agent", config_lib.AGENTS)
-@pytest.mark.parametrize("rl_loss", ["vmpo", "vtrace"])
+# Every agent with V-MPO (the default) and ald/lstm with V-trace in `make
+# test`; V-trace with the GTrXL agents (the costliest compiles) in test-slow.
+@pytest.mark.parametrize("agent,rl_loss", [
+    (a, loss) if loss == "vmpo" or a in ("ald", "lstm")
+    else pytest.param(a, loss, marks=pytest.mark.slow)
+    for a in config_lib.AGENTS for loss in ("vmpo", "vtrace")])
 def test_every_agent_steps(agent, rl_loss):
   learner, batch, state = build(agent=agent, rl_loss=rl_loss)
   before = jax.tree_util.tree_map(np.array, learner.actor_params(state))

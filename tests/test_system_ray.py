@@ -335,6 +335,7 @@ def test_env_error_in_one_thread_stops_the_run_naming_process_and_actor(
   assert not ray.is_initialized()
 
 
+@pytest.mark.slow  # a 3-node cluster; kill -9 restarts are in make test above
 @pytest.mark.timeout(400)
 def test_cluster_killed_actor_process_restarts_and_the_run_finishes(
     tmp_path, monkeypatch):

@@ -41,7 +41,11 @@ def actor_threads_alive():
           if t.name.startswith("actor-") and t.is_alive()]
 
 
-@pytest.mark.parametrize("agent", config_lib.AGENTS)
+# ald and lstm in every `make test`; the two other agents' learner steps are
+# covered by test_learner*.py, their whole runs by `make test-slow`.
+@pytest.mark.parametrize("agent", [
+    a if a in ("ald", "lstm") else pytest.param(a, marks=pytest.mark.slow)
+    for a in config_lib.AGENTS])
 def test_each_agent_runs_and_writes_outputs(tmp_path, agent):
   result = run.train(tiny_run(tmp_path / agent, agent))
   assert result.stopped_by == "budget"
