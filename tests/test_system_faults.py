@@ -425,6 +425,16 @@ class SaveFaultChild:
     self.lines.append(rest)
     return self.proc.returncode
 
+  def sigterm_during_write(self) -> tuple[int, int]:
+    """SIGTERM once a save is in flight; (step being written, exit status)."""
+    import signal  # pylint: disable=import-outside-toplevel
+    try:
+      writing = self.wait_for_write()
+      self.proc.send_signal(signal.SIGTERM)
+      return writing, self.finish()
+    finally:
+      self.kill()
+
   def output(self) -> str:
     return "".join(self.lines)[-6000:]
 
@@ -452,12 +462,7 @@ def test_sigterm_during_a_checkpoint_write_ends_cleanly_with_128_plus_15(
   from ald_jax import checkpoint  # pylint: disable=import-outside-toplevel
   logdir = tmp_path / "run"
   child = SaveFaultChild(logdir, "release", block_at=2)
-  try:
-    writing = child.wait_for_write()
-    child.proc.send_signal(signal.SIGTERM)
-    status = child.finish()
-  finally:
-    child.kill()
+  writing, status = child.sigterm_during_write()
   output = child.output()
   assert status == 128 + signal.SIGTERM, output
   assert "the write goes on" in output
@@ -545,12 +550,7 @@ def test_a_second_sigterm_during_the_final_checkpoint_write_exits_at_once(
   from ald_jax import checkpoint  # pylint: disable=import-outside-toplevel
   logdir = tmp_path / "run"
   child = SaveFaultChild(logdir, "second")
-  try:
-    writing = child.wait_for_write()
-    child.proc.send_signal(signal.SIGTERM)
-    status = child.finish()
-  finally:
-    child.kill()
+  writing, status = child.sigterm_during_write()
   output = child.output()
   assert status == 128 + signal.SIGTERM, output
   assert "second signal (SIGTERM): exiting now" in output
