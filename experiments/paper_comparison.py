@@ -26,6 +26,7 @@ the first run starts; a bad value fails naming its flag):
                      run such ablations with --agents=ald.
   --threshold, --threshold_metric   "reached" = the metric's first row >= this
   --name, --grid_dir, --results_dir, --dry_run
+  --aggregate_only, --ran_on   summary and plots of a grid run elsewhere
 Every other run flag of `python -m ald_jax.train` (sizes, budget, --actors,
 ...) applies to every run; --agent, --seed, --logdir, --resume and
 --env_kwargs are the grid's.
@@ -388,6 +389,11 @@ def run_record(run: GridRun, threshold: float,
       "final_return": _last(rows, metrics_lib.EPISODE_RETURN),
       "final_env_steps": last.get(metrics_lib.ENV_STEPS),
       "final_wall_time_s": last.get(metrics_lib.WALL_TIME),
+      # The learner acting alone vs the actor at the last evaluation (ALD
+      # runs): a large gap is failed distillation, not a failed learner.
+      "final_eval_learner_return": _last(rows, metrics_lib.EVAL_LEARNER_RETURN),
+      "final_eval_actor_return": _last(rows, metrics_lib.EVAL_ACTOR_RETURN),
+      "final_eval_gap_return": _last(rows, metrics_lib.EVAL_GAP_RETURN),
       "t_actor_p50_us": _last(rows, metrics_lib.T_ACTOR_P50),
       "t_actor_p99_us": _last(rows, metrics_lib.T_ACTOR_P99),
       "stopped_by": last.get("stopped_by"),
@@ -551,27 +557,42 @@ def run_grid(*, name: str, agents: Sequence[str], seeds: Sequence[int | str],
          f"{_duration(time.monotonic() - started)}")
   summary, plot_paths = aggregate(
       runs, name=name, results_dir=results_dir, threshold=threshold,
-      threshold_metric=threshold_metric, grid={
-          "agents": list(parse_agents(agents)),
-          "seeds": list(parse_seeds(seeds)), "env": env,
-          "env_kwargs_grid": env_kwargs_grid, "knobs_grid": knobs_grid,
-          "train_flags": list(train_flags),
-          "grid_dir": os.path.abspath(grid_dir)},
-      command=command or shlex.join(
-          [os.path.basename(sys.executable)] + sys.argv),
-      failed=failed)
+      threshold_metric=threshold_metric, grid=grid_record(
+          agents=agents, seeds=seeds, env=env,
+          env_kwargs_grid=env_kwargs_grid, knobs_grid=knobs_grid,
+          train_flags=train_flags, grid_dir=grid_dir),
+      command=command or _this_command(), failed=failed)
   summary_path = os.path.join(results_dir, f"{name}_summary.json")
   _print(out, f"summary: {summary_path}\nplots: {', '.join(plot_paths)}")
   return GridResult(summary_path, plot_paths, summary, trained, failed,
                     interrupted)
 
 
+def grid_record(*, agents: Sequence[str], seeds: Sequence[int | str],
+                env: str, env_kwargs_grid: str, knobs_grid: str,
+                train_flags: Sequence[str], grid_dir: str) -> dict[str, Any]:
+  """The grid as the summary records it."""
+  return {"agents": list(parse_agents(agents)),
+          "seeds": list(parse_seeds(seeds)), "env": env,
+          "env_kwargs_grid": env_kwargs_grid, "knobs_grid": knobs_grid,
+          "train_flags": list(train_flags),
+          "grid_dir": os.path.abspath(grid_dir)}
+
+
+def _this_command() -> str:
+  return shlex.join([os.path.basename(sys.executable)] + sys.argv)
+
+
 def aggregate(runs: Sequence[GridRun], *, name: str, results_dir: str,
               threshold: float, threshold_metric: str, grid: dict[str, Any],
-              command: str, failed: dict[str, str] | None = None
-              ) -> tuple[dict[str, Any], list[str]]:
+              command: str, failed: dict[str, str] | None = None,
+              ran_on: str = "") -> tuple[dict[str, Any], list[str]]:
   """Refreshes every finished run's per-run JSON (the threshold may have
-  changed), writes `<name>_summary.json` and one PNG per task setting."""
+  changed), writes `<name>_summary.json` and one PNG per task setting.
+
+  `ran_on`: where the runs ran when that was not this machine (a grid run
+  elsewhere and copied back); `versions`/`machine` are then this machine's.
+  """
   failed = failed or {}
   os.makedirs(results_dir, exist_ok=True)
   records, unfinished = [], []
@@ -604,6 +625,7 @@ def aggregate(runs: Sequence[GridRun], *, name: str, results_dir: str,
           timespec="seconds"),
       "command": command,
       **environment_record(),
+      **({"ran_on": ran_on} if ran_on else {}),
       "grid": grid,
       "threshold": {"metric": threshold_metric, "value": threshold},
       "complete": not unfinished,
@@ -644,6 +666,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                     "to.", flag_values=flag_values)
   flags.DEFINE_bool("dry_run", False, "List the runs and their state, then "
                     "exit.", flag_values=flag_values)
+  flags.DEFINE_bool("aggregate_only", False, "Start no run: write the summary "
+                    "and plots from the run directories as they are (a grid "
+                    "run elsewhere and copied back; unfinished runs are "
+                    "listed as such).", flag_values=flag_values)
+  flags.DEFINE_string("ran_on", "", "With --aggregate_only: where the runs "
+                      "ran (recorded as `ran_on` in the summary).",
+                      flag_values=flag_values)
   train_lib.define_flags(flag_values)
 
 
@@ -665,6 +694,20 @@ def main(argv) -> int:
     if fv.dry_run:
       for run in plan_grid(**grid):
         print(f"{run_status(run):8s} {run.run_dir}")
+      return 0
+    if fv.ran_on and not fv.aggregate_only:
+      raise GridError("--ran_on: only with --aggregate_only (a grid this "
+                      "command runs is recorded with this machine)")
+    if fv.aggregate_only:
+      summary, plot_paths = aggregate(
+          plan_grid(**grid), name=fv.name, results_dir=fv.results_dir,
+          threshold=fv.threshold, threshold_metric=fv.threshold_metric,
+          grid=grid_record(**grid), command=_this_command(),
+          ran_on=fv.ran_on)
+      print(f"{len(summary['runs'])} finished, {len(summary['unfinished'])} "
+            f"unfinished\nsummary: "
+            f"{os.path.join(fv.results_dir, fv.name + '_summary.json')}\n"
+            f"plots: {', '.join(plot_paths)}")
       return 0
     train_lib.configure_logging()
     import jax  # pylint: disable=import-outside-toplevel

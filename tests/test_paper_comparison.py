@@ -168,7 +168,8 @@ def test_first_crossing_and_the_run_record(tmp_path):
           {"env_steps": 200, "wall_time_s": 2.0, "success_rate": None,
            "episode_return": 0.2},
           {"env_steps": 300, "wall_time_s": 3.5, "success_rate": 0.9,
-           "episode_return": 0.8},
+           "episode_return": 0.8, "eval/learner_return": 1.0,
+           "eval/actor_return": 0.25, "eval/gap_return": 0.75},
           {"env_steps": 400, "wall_time_s": 4.0, "success_rate": 0.8,
            "episode_return": None}]
   assert pc.first_crossing(rows, "success_rate", 0.9) == (300, 3.5)
@@ -185,6 +186,8 @@ def test_first_crossing_and_the_run_record(tmp_path):
   assert record["final_success"] == 0.8
   assert record["final_return"] == 0.8  # the last row that has one
   assert record["final_env_steps"] == 400
+  assert (record["final_eval_learner_return"], record["final_eval_actor_return"],
+          record["final_eval_gap_return"]) == (1.0, 0.25, 0.75)
   assert (record["agent"], record["seed"], record["knobs"]) == ("ald", 1, {})
   assert record["task"] == {"env": "cue_recall", "kwargs": {"span": 2}}
 

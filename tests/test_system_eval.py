@@ -159,6 +159,27 @@ def test_evaluator_measures_learner_actor_and_gap():
   assert set(got) == set(evaluation.metric_names(["learner", "actor"]))
 
 
+def test_evaluate_now_ignores_the_interval_and_waits_for_its_result():
+  evaluator = make_evaluator()  # interval: an hour
+  assert not evaluator.evaluate_now({"learner": PERFECT, "actor": WRONG},
+                                    1, 1, WAIT_S)  # not started: declined
+  evaluator.start()
+  assert evaluator.submit({"learner": PERFECT, "actor": WRONG}, 10, 1)
+  assert not evaluator.due()
+  # Runs after the one in progress, though the interval has not elapsed.
+  assert evaluator.evaluate_now({"learner": WRONG, "actor": PERFECT},
+                                env_steps=99, learner_steps=7,
+                                timeout_s=WAIT_S)
+  got = evaluator.metrics()
+  assert (got["eval/env_steps"], got["eval/learner_steps"],
+          got["eval/evaluations"]) == (99, 7, 2)
+  assert got["eval/gap_return"] < 0  # the second snapshot's policies
+  evaluator.close()
+  assert not evaluator.evaluate_now({"learner": PERFECT, "actor": WRONG},
+                                    100, 8, WAIT_S)  # closed: declined
+  assert evaluator.stop(WAIT_S) == []
+
+
 def test_metric_names_match_the_metrics_module():
   names = evaluation.metric_names(["learner", "actor"])
   for key in (metrics_lib.EVAL_LEARNER_RETURN, metrics_lib.EVAL_ACTOR_RETURN,
@@ -259,7 +280,10 @@ def test_gap_metrics_reach_rows_progress_line_and_plot(tmp_path, monkeypatch):
   assert not actor_threads_alive()
   assert "evaluation" not in [t.name for t in threading.enumerate()]
   final = result.final_row
-  assert final["eval/evaluations"] >= 1
+  assert final["eval/evaluations"] >= 2  # the first, and the final one
+  # The final row's gap is of the parameters the run ends with.
+  assert (final["eval/env_steps"], final["eval/learner_steps"]) == (
+      final["env_steps"], final["learner_steps"])
   for key in ("eval/learner_return", "eval/actor_return",
               "eval/learner_success", "eval/actor_success"):
     assert math.isfinite(final[key]), key
@@ -351,6 +375,7 @@ def test_a_blocked_evaluation_stalls_neither_actors_nor_learner(
   # Every env step and learner step of this run happens while the
   # evaluation is blocked in its environment; the stop gives up on it.
   monkeypatch.setattr(run, "STOP_DEADLINE_S", 1.0)
+  monkeypatch.setattr(run, "FINAL_EVAL_DEADLINE_S", 1.0)
   BlockedEvaluationEnv.blocked.clear()
   BlockedEvaluationEnv.release.clear()
   try:

@@ -184,7 +184,8 @@ class Evaluator:
     poll_s: how often a running evaluation checks for an abort.
 
   Use: `start()`; the learner loop calls `due()` and `submit(...)` and
-  `check()` (raises EvaluationError with the cause); `metrics()` is the
+  `check()` (raises EvaluationError with the cause), and at the end of a run
+  `evaluate_now(...)` on its final parameters; `metrics()` is the
   latest completed evaluation (NaN before the first); `close()` declines new
   snapshots; `stop(deadline_s)` lets the evaluation in progress finish for
   part of the deadline, then abandons it.
@@ -223,6 +224,10 @@ class Evaluator:
   def start(self) -> None:
     self._thread.start()
 
+  @property
+  def started(self) -> bool:
+    return self._thread.ident is not None
+
   def due(self) -> bool:
     """Whether a snapshot would be taken now (idle, interval elapsed)."""
     with self._cond:
@@ -244,6 +249,22 @@ class Evaluator:
       self._last_submit = time.monotonic()
       self._cond.notify_all()
     return True
+
+  def evaluate_now(self, params: dict[str, Params], env_steps: int,
+                   learner_steps: int, timeout_s: float) -> bool:
+    """Evaluates `params` whatever the interval and waits for the result
+    (after any evaluation in progress); False if it did not finish within
+    `timeout_s` (it may still finish, or be abandoned by `stop`)."""
+    deadline = time.monotonic() + timeout_s
+    if not self.started or not self.wait_idle(timeout_s):
+      return False
+    with self._cond:
+      if self._closed:
+        return False
+      self._pending = _Snapshot(params, int(env_steps), int(learner_steps))
+      self._last_submit = time.monotonic()
+      self._cond.notify_all()
+    return self.wait_idle(max(0.0, deadline - time.monotonic()))
 
   def check(self) -> None:
     """Raises EvaluationError (cause chained) if the evaluation failed."""

@@ -142,6 +142,19 @@ class LearnerLoop:
             env_steps=self.env_steps(),
             learner_steps=self._driver.counters().learner_steps)
 
+  def evaluate_final(self, timeout_s: float) -> bool:
+    """Evaluates the parameters the run ends with, so that its last eval/*
+    entries describe them (the periodic ones lag by up to an interval);
+    False without an evaluator or if it did not finish within `timeout_s`."""
+    if self._evaluator is None:
+      return False
+    with self.phases.phase("eval_snapshot"):
+      params = self._driver.host_params(self._eval_params)
+    return self._evaluator.evaluate_now(
+        params, env_steps=self.env_steps(),
+        learner_steps=self._driver.counters().learner_steps,
+        timeout_s=timeout_s)
+
   def _train_on(self, unroll: Any) -> None:
     if self._batcher is None:
       self._batcher = replay_lib.make_batcher(self._config.learner.batch_size,

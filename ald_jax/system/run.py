@@ -60,6 +60,7 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 STOP_DEADLINE_S = 10.0  # one deadline shared by all actors at the end
+FINAL_EVAL_DEADLINE_S = 60.0  # the evaluation of the final parameters
 
 RunError = errors.RunError
 NonFiniteLossError = errors.NonFiniteLossError
@@ -358,10 +359,23 @@ def _train_locked(cfg: config_lib.TrainConfig, factory: EnvFactory,
       first_error.attempt("final checkpoint", loop.checkpoint)
     logging.info("stopping actors (deadline %.0f s)", STOP_DEADLINE_S)
     stop_start = time.monotonic()
-    if evaluator is not None:
-      evaluator.close()  # no new evaluation; one in progress may finish
     stuck = first_error.attempt(
         "stopping actors", lambda: pool.stop(STOP_DEADLINE_S)) or []
+    if (evaluator is not None and evaluator.started and
+        first_error.error is None and
+        loop.stop_reason in ("budget", "wall_time")):
+      # On the cores the actors left: the final row's gap is of the final
+      # parameters. Bounded; a stop signal does not wait for it.
+      logging.info("evaluating the final parameters (deadline %.0f s)",
+                   FINAL_EVAL_DEADLINE_S)
+      if first_error.attempt("the final evaluation", lambda: (
+          loop.evaluate_final(FINAL_EVAL_DEADLINE_S))) is False:
+        logging.warning("the final evaluation did not finish within %.0f s;"
+                        " the last eval/* entries are of an earlier one",
+                        FINAL_EVAL_DEADLINE_S)
+    if evaluator is not None:
+      evaluator.close()  # no new evaluation; one in progress may finish
+      stop_start = time.monotonic()
     if evaluator is not None:
       # The same deadline: the evaluation finished meanwhile or is cut short.
       stuck += first_error.attempt("stopping the evaluation", lambda: (

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# What ran on a lent GPU machine (one H100/H200, 16 CPU cores, no network),
+# recorded so the figures in experiments/results/*_h200* can be reproduced.
+#
+#   bash experiments/gpu_session.sh check   # versions, a short run, learner benchmarks, GPU tests
+#   bash experiments/gpu_session.sh grid    # memory-span grid: 8 runs at a time, 2 pinned cores each
+#
+# The machine's image has jax/flax/optax/chex/orbax; the few missing pure
+# wheels (dm-env, dm-tree, tensorboardX) travel in .whl/. Ray (80 MB) does
+# not fit the transfer limit, so runs use actor threads. Outputs go to $OUT.
+set -u
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+  --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+START=$(date +%s)
+
+# Small sizes (the ones of the CPU grids in experiments/results/).
+SMALL="--gtrxl_num_layers=2 --gtrxl_d_model=64 --gtrxl_mlp_size=128
+  --lstm_hidden_size=64 --torso_mlp_sizes=64 --unroll_length=16
+  --report_interval_s=5 --notensorboard --actors=threads --t_actor_policy=warn"
+
+check() {
+  python3 -c "import sys, jax, flax, optax, chex, orbax.checkpoint as o, numpy
+print(sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__,
+      'optax', optax.__version__, 'chex', chex.__version__, 'numpy', numpy.__version__)
+print(jax.devices())" 2>&1 | tee "$OUT/versions.txt"
+  nvidia-smi -L >> "$OUT/versions.txt"; nproc >> "$OUT/versions.txt"
+  timeout 100 python3 -m ald_jax.train $SMALL --gtrxl_memory_length=32 \
+    --learner_context=32 --total_env_steps=20000 --logdir=/tmp/smoke_run \
+    > "$OUT/smoke_run.log" 2>&1; echo "smoke run rc=$?" | tee -a "$OUT/smoke_run.log"
+  tail -5 "$OUT/smoke_run.log"
+  timeout 90 python3 experiments/bench_learner_step.py --iters 500 \
+    > "$OUT/bench_learner_step_default.json" 2> "$OUT/bench_default.err"
+  echo "bench default rc=$?"
+  timeout 90 python3 experiments/bench_learner_step.py --shape=large \
+    > "$OUT/bench_learner_step_large.json" 2> "$OUT/bench_large.err"
+  echo "bench large rc=$?"
+  timeout 100 python3 -m pytest -q -x -n 8 -p no:cacheprovider \
+    tests/test_learner_memory.py tests/test_networks_gtrxl.py \
+    > "$OUT/gpu_tests.log" 2>&1; echo "gpu tests rc=$?"; tail -3 "$OUT/gpu_tests.log"
+  echo "check took $(( $(date +%s) - START )) s"
+}
+
+# One grid slot: runs its jobs one after another on cores $1,$1+1.
+slot() {
+  local core=$1; shift
+  local job
+  for job in "$@"; do
+    local left=$(( DEADLINE - $(date +%s) ))
+    [ "$left" -gt 30 ] || break
+    # shellcheck disable=SC2086
+    timeout "$left" taskset -c "$core,$((core + 1))" python3 \
+      experiments/paper_comparison.py $job --results_dir="/tmp/grid_results/$core" \
+      >> "/tmp/grid_logs/slot$core.log" 2>&1
+  done
+}
+
+grid() {
+  DEADLINE=$(( START + ${GRID_SECONDS:-400} ))
+  mkdir -p /tmp/grid_logs /tmp/grid_results
+  local short="--env=cue_recall $SMALL --gtrxl_memory_length=32 --learner_context=32
+    --total_env_steps=400000 --grid_dir=/tmp/grid/span_short --name=span_short"
+  local long="--env=cue_recall --env_kwargs_grid=span=64 $SMALL
+    --gtrxl_memory_length=64 --learner_context=64 --total_env_steps=500000
+    --grid_dir=/tmp/grid/span64 --name=span64"
+  local a s jobs=()
+  for s in 1 2 3; do
+    for a in ald transformer asymmetric lstm; do
+      jobs+=("$long --agents=$a --seeds=$s")
+    done
+  done
+  for s in 1 2 3; do
+    for span in 16 32; do
+      jobs+=("$short --env_kwargs_grid=span=$span --agents=ald --seeds=$s")
+    done
+  done
+  # 18 jobs over 8 slots, the span-64 runs (longer) spread first.
+  slot 0 "${jobs[0]}" "${jobs[4]}" &
+  slot 2 "${jobs[1]}" "${jobs[5]}" &
+  slot 4 "${jobs[2]}" "${jobs[6]}" &
+  slot 6 "${jobs[3]}" "${jobs[7]}" &
+  slot 8 "${jobs[8]}" "${jobs[12]}" "${jobs[13]}" &
+  slot 10 "${jobs[9]}" "${jobs[14]}" "${jobs[15]}" &
+  slot 12 "${jobs[10]}" "${jobs[16]}" &
+  slot 14 "${jobs[11]}" "${jobs[17]}" &
+  wait
+  echo "grid took $(( $(date +%s) - START )) s"
+  # Metrics and per-run JSON only (checkpoints stay behind).
+  tar -czf "$OUT/grid.tgz" --exclude='checkpoints' --exclude='*.png' \
+    -C /tmp grid grid_logs
+  ls -la "$OUT"
+  grep -h "reached\|Error\|error" /tmp/grid_logs/*.log | tail -30
+}
+
+"$@"
