@@ -100,9 +100,16 @@ class TorsoConfig:
 @dataclasses.dataclass(frozen=True)
 class LSTMConfig:
   hidden_size: int = 128
+  # Initial forget-gate bias: how far back the LSTM can start to learn to
+  # remember (sigmoid(b)^span of a cue survives). 3.0: distillation then
+  # teaches a 60-step memory in < 500 updates, 1.0 not in 2000
+  # (experiments/results/probe_distill_span_*.json).
+  forget_bias: float = 3.0
 
   def __post_init__(self):
     _positive_int(self.hidden_size, "lstm.hidden_size")
+    _require(_is_number(self.forget_bias), "lstm.forget_bias",
+             f"must be a finite number, got {self.forget_bias!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -63,6 +63,8 @@ FLAG_TABLE = (
           "Torso conv channels for grid observations, comma separated."),
     _Flag("lstm_hidden_size", "learner.lstm.hidden_size", "int",
           "LSTM hidden size (the actor)."),
+    _Flag("lstm_forget_bias", "learner.lstm.forget_bias", "float",
+          "Initial LSTM forget-gate bias (long memories need a larger one)."),
     _Flag("gtrxl_num_layers", "learner.gtrxl.num_layers", "int", "GTrXL blocks."),
     _Flag("gtrxl_d_model", "learner.gtrxl.d_model", "int", "GTrXL width."),
     _Flag("gtrxl_num_heads", "learner.gtrxl.num_heads", "int",

@@ -26,6 +26,12 @@ def test_several_bad_nested_configs_fail_at_construction():
     config_lib.TrainConfig(learner={"agent": "ald"})
 
 
+@pytest.mark.parametrize("value", [math.inf, math.nan, "1", None, True])
+def test_lstm_forget_bias_must_be_a_finite_number(value):
+  with pytest.raises(config_lib.ConfigError, match="^lstm.forget_bias: "):
+    config_lib.LSTMConfig(forget_bias=value)
+
+
 @pytest.mark.parametrize("value", [math.inf, math.nan, -1.0, "1"])
 def test_distill_ratio_must_be_finite_and_non_negative(value):
   with pytest.raises(config_lib.ConfigError,

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ald_jax import config as config_lib
 from ald_jax.networks import lstm as lstm_lib
 from ald_jax.types import FIRST, MID, LSTMState
 
@@ -32,12 +33,23 @@ def test_params_are_fused_with_forget_bias():
   weights = PARAMS["params"]["weights"]
   assert weights["kernel"].shape == (INPUT + HIDDEN, 4 * HIDDEN)
   bias = np.asarray(weights["bias"])
-  np.testing.assert_array_equal(bias[HIDDEN:2 * HIDDEN], 1.0)  # forget gate
+  np.testing.assert_array_equal(bias[HIDDEN:2 * HIDDEN], 3.0)  # forget gate
   np.testing.assert_array_equal(np.delete(bias, np.s_[HIDDEN:2 * HIDDEN]), 0)
   # Recurrent rows of each gate are orthogonal.
   recurrent = np.asarray(weights["kernel"][INPUT:, :HIDDEN])
   np.testing.assert_allclose(recurrent.T @ recurrent, np.eye(HIDDEN),
                              atol=1e-5)
+
+
+def test_forget_bias_sets_only_the_forget_gate():
+  assert lstm_lib.LSTMCore.forget_bias == config_lib.LSTMConfig().forget_bias
+  core = lstm_lib.LSTMCore(HIDDEN, forget_bias=1.0)
+  params = core.init(jax.random.PRNGKey(0), np.zeros((1, 2, INPUT), np.float32),
+                     np.full((1, 2), MID, np.int32),
+                     lstm_lib.lstm_initial_state(1, HIDDEN))
+  bias = np.asarray(params["params"]["weights"]["bias"])
+  np.testing.assert_array_equal(bias[HIDDEN:2 * HIDDEN], 1.0)
+  np.testing.assert_array_equal(np.delete(bias, np.s_[HIDDEN:2 * HIDDEN]), 0)
 
 
 def test_initial_state_needs_no_params():

@@ -25,7 +25,6 @@ import jax.numpy as jnp
 
 from ald_jax.types import FIRST, LSTMState
 
-FORGET_BIAS = 1.0  # Start by remembering (Jozefowicz et al. 2015).
 
 
 def lstm_initial_state(batch_size: int, hidden_size: int) -> LSTMState:
@@ -75,25 +74,28 @@ def _fused_kernel_init(input_size: int, hidden_size: int) -> Callable:
   return init
 
 
-def _bias_init(hidden_size: int) -> Callable:
+def _bias_init(hidden_size: int, forget_bias: float) -> Callable:
+  """Zeros but the forget gate's: start by remembering (Jozefowicz et al.
+  2015); a cue survives ~sigmoid(forget_bias)^span at initialisation."""
   def init(rng: chex.PRNGKey, shape, dtype=jnp.float32) -> chex.Array:
     del rng
     assert shape == (4 * hidden_size,), shape
     bias = jnp.zeros(shape, dtype)
-    return bias.at[hidden_size:2 * hidden_size].set(FORGET_BIAS)
+    return bias.at[hidden_size:2 * hidden_size].set(forget_bias)
   return init
 
 
 class _FusedLSTMWeights(nn.Module):
   """Holds the fused kernel and bias; shapes depend on the input size."""
   hidden_size: int
+  forget_bias: float
 
   @nn.compact
   def __call__(self, input_size: int) -> tuple[chex.Array, chex.Array]:
     h = self.hidden_size
     kernel = self.param("kernel", _fused_kernel_init(input_size, h),
                         (input_size + h, 4 * h))
-    bias = self.param("bias", _bias_init(h), (4 * h,))
+    bias = self.param("bias", _bias_init(h, self.forget_bias), (4 * h,))
     return kernel, bias
 
 
@@ -103,9 +105,10 @@ class LSTMCore(nn.Module):
   Params: {"weights": {"kernel": [D+H, 4H], "bias": [4H]}}.
   """
   hidden_size: int
+  forget_bias: float = 3.0   # LSTMConfig's default (see there)
 
   def setup(self):
-    self.weights = _FusedLSTMWeights(self.hidden_size)
+    self.weights = _FusedLSTMWeights(self.hidden_size, self.forget_bias)
 
   def initial_state(self, batch_size: int) -> LSTMState:
     """Zeros; callable on an unbound module."""

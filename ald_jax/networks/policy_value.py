@@ -82,7 +82,7 @@ class LSTMPolicyValueNet(nn.Module):
 
   def setup(self):
     self.encoder = Torso(self.torso, self.obs_ndim)
-    self.core = LSTMCore(self.lstm.hidden_size)
+    self.core = LSTMCore(self.lstm.hidden_size, self.lstm.forget_bias)
     self.head = PolicyValueHead(self.num_actions)
 
   def initial_state(self, batch_size: int) -> LSTMState:
