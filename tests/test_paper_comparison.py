@@ -447,3 +447,35 @@ def test_command_line_dry_run_and_a_bad_flag(tmp_path):
   assert done.returncode == 2
   assert "error: --knobs_grid: ald seed 1" in done.stderr
   assert os.listdir(tmp_path) == []  # nothing started
+
+
+def test_aggregate_only_summarises_a_grid_run_elsewhere(tmp_path):
+  grid_dir, results = tmp_path / "grid", tmp_path / "results"
+  script = os.path.join(os.path.dirname(pc.__file__), "paper_comparison.py")
+  common = [sys.executable, script, "--agents=ald,lstm", "--seeds=1,2",
+            "--env=cue_recall", "--env_kwargs_grid=span=2",
+            f"--grid_dir={grid_dir}", f"--results_dir={results}",
+            "--name=copied", *TINY_FLAGS]
+  done = subprocess.run(common + ["--ran_on=an H200"], capture_output=True,
+                        text=True, check=False)
+  assert done.returncode == 2
+  assert "--ran_on: only with --aggregate_only" in done.stderr
+  # One finished run, as copied back from another machine.
+  finished = pc.plan_grid(grid_dir=str(grid_dir), **GRID)[0]
+  with metrics_lib.MetricsWriter(finished.run_dir, formats=("jsonl",),
+                                 tensorboard=False) as writer:
+    writer.write({"env_steps": 500, "wall_time_s": 2.0, "success_rate": 0.95,
+                  "episode_return": 0.9})
+  with open(os.path.join(finished.run_dir, pc.RUN_JSON), "w") as f:
+    f.write("{}")
+  done = subprocess.run(common + ["--aggregate_only", "--ran_on=an H200"],
+                        capture_output=True, text=True, check=False)
+  assert done.returncode == 0, done.stderr
+  with open(results / "copied_summary.json") as f:
+    summary = json.load(f)
+  assert summary["ran_on"] == "an H200"
+  assert [(r["agent"], r["seed"], r["env_steps_to_threshold"])
+          for r in summary["runs"]] == [("ald", 1, 500)]
+  assert len(summary["unfinished"]) == 3
+  # Nothing trained: only the finished run's directory exists.
+  assert os.listdir(grid_dir) == [os.path.basename(finished.run_dir)]
