@@ -19,7 +19,7 @@ def tiny_config(**changes) -> config_lib.LearnerConfig:
       unroll_length=5, learner_context=4, batch_size=3,
       torso=config_lib.TorsoConfig(mlp_sizes=(16,)),
       lstm=config_lib.LSTMConfig(hidden_size=16),
-      gtrxl=config_lib.GTrXLConfig(num_layers=2, d_model=16, num_heads=2,
+      gtrxl=config_lib.GTrXLConfig(num_layers=1, d_model=16, num_heads=2,
                                    mlp_size=32, memory_length=6),
       distill=config_lib.DistillConfig(learner_pull_cost=0.1),
       vmpo=config_lib.VMPOConfig(target_update_period=3),
