@@ -19,7 +19,7 @@ def tiny_config(**changes) -> config_lib.LearnerConfig:
       unroll_length=5, learner_context=4, batch_size=3,
       torso=config_lib.TorsoConfig(mlp_sizes=(16,)),
       lstm=config_lib.LSTMConfig(hidden_size=16),
-      gtrxl=config_lib.GTrXLConfig(num_layers=2, d_model=16, num_heads=2,
+      gtrxl=config_lib.GTrXLConfig(num_layers=1, d_model=16, num_heads=2,
                                    mlp_size=32, memory_length=6),
       distill=config_lib.DistillConfig(learner_pull_cost=0.1),
       vmpo=config_lib.VMPOConfig(target_update_period=3),
@@ -64,31 +64,40 @@ def tree_norm(tree) -> float:
   return float(sum(jnp.sum(jnp.abs(x)) for x in jax.tree_util.tree_leaves(tree)))
 
 
-def component_grads(learner, state, batch, metric):
-  def component(learner_params, actor_params):
+ISOLATION_METRICS = ("learner/rl_loss", "distill/policy_kl",
+                     "distill/value_loss", "learner/pull_kl")
+
+
+def component_grads(learner, state, batch):
+  """{metric: (learner grads, actor grads)} for each loss component, in one
+  compilation (op by op, these gradients cost more than compiling them)."""
+  def component(learner_params, actor_params, metric):
     _, metrics = learner.losses(learner_params, actor_params,
                                 state.target_params, batch)
     return metrics[metric]
-  return jax.grad(component, argnums=(0, 1))(state.learner_params,
-                                              state.actor_params)
+
+  @jax.jit
+  def all_grads(learner_params, actor_params):
+    return {metric: jax.grad(component, argnums=(0, 1))(
+        learner_params, actor_params, metric) for metric in ISOLATION_METRICS}
+  return all_grads(state.learner_params, state.actor_params)
 
 
 @pytest.mark.parametrize("rl_loss", ["vmpo", "vtrace"])
 def test_gradient_isolation(rl_loss):
   learner, batch, state = build(rl_loss=rl_loss)
+  grads = component_grads(learner, state, batch)
   # RL loss: gradient on the learner only.
-  learner_g, actor_g = component_grads(learner, state, batch,
-                                       "learner/rl_loss")
+  learner_g, actor_g = grads["learner/rl_loss"]
   assert tree_norm(learner_g["net"]) > 0
   assert tree_norm(actor_g) == 0.0
   # Distillation (policy and value): gradient on the actor only.
   for metric in ("distill/policy_kl", "distill/value_loss"):
-    learner_g, actor_g = component_grads(learner, state, batch, metric)
+    learner_g, actor_g = grads[metric]
     assert tree_norm(learner_g) == 0.0, metric
     assert tree_norm(actor_g) > 0, metric
   # The beta pull KL(sg[pi_A] || pi_L): gradient on the learner only.
-  learner_g, actor_g = component_grads(learner, state, batch,
-                                       "learner/pull_kl")
+  learner_g, actor_g = grads["learner/pull_kl"]
   assert tree_norm(learner_g["net"]) > 0
   assert tree_norm(actor_g) == 0.0
 

@@ -138,8 +138,11 @@ def test_replay_distill_step_uses_stored_teacher_without_the_gtrxl(
     monkeypatch, teacher):
   calls = _counting_gtrxl(monkeypatch)
   # Uniform weights: the KL below is the unweighted one the loss then lowers.
-  cfg = memory_config(distill=config_lib.DistillConfig(
-      teacher=teacher, step_weighting="uniform"))
+  # One GTrXL layer: what is checked is whether the GTrXL runs at all.
+  cfg = memory_config(
+      distill=config_lib.DistillConfig(teacher=teacher,
+                                       step_weighting="uniform"),
+      gtrxl=dataclasses.replace(memory_config().gtrxl, num_layers=1))
   learner = learner_lib.make_learner(cfg, (OBS_DIM,), NUM_ACTIONS)
   rows = stream_rows(2, 1)
   state = learner.init(jax.random.PRNGKey(0), rows)

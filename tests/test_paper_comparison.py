@@ -20,7 +20,7 @@ import pytest
 
 from ald_jax import checkpoint as checkpoint_lib
 from ald_jax import metrics as metrics_lib
-from ald_jax.envs import cue_recall
+from ald_jax.envs import imaze
 from ald_jax.system import errors
 from ald_jax.system import run as run_lib
 from ald_jax.system import run_dir as run_dir_lib
@@ -42,6 +42,23 @@ TINY_FLAGS = (
     "--learner_memory=recompute")
 GRID = dict(agents=["ald", "lstm"], seeds=[1, 2], env="cue_recall",
             env_kwargs_grid="span=2", train_flags=TINY_FLAGS)
+
+
+# The real grid below trains: on I-Maze with the learner, stream count
+# (2 actors x 4 envs) and replay of tests/test_system_run.py's tiny_run, so
+# its runs reuse the learner steps compiled there (the grid, not the
+# learner, is under test).
+RUN_FLAGS = (
+    f"--total_env_steps={TOTAL_ENV_STEPS}", "--unroll_length=8",
+    "--learner_context=8", "--batch_size=8", "--torso_mlp_sizes=32",
+    "--lstm_hidden_size=32", "--gtrxl_num_layers=1", "--gtrxl_d_model=32",
+    "--gtrxl_num_heads=2", "--gtrxl_mlp_size=64", "--gtrxl_memory_length=8",
+    "--num_actors=2", "--envs_per_actor=4", "--replay_capacity=64",
+    "--queue_capacity=4", "--t_actor_budget_ms=1000", "--report_interval_s=0.3",
+    "--checkpoint_interval_s=3600", "--notensorboard")
+RUN_TASK = {"env": "imaze", "kwargs": {"corridor_length": 2}}
+RUN_GRID = dict(agents=["ald", "lstm"], seeds=[1, 2], env="imaze",
+                env_kwargs_grid="corridor_length=2", train_flags=RUN_FLAGS)
 
 
 def _never_train(config):
@@ -210,7 +227,7 @@ class _StepCounter:
         os.kill(os.getpid(), signal.SIGINT)
 
 
-class _InterruptingCueRecall(cue_recall.CueRecall):
+class _InterruptingIMaze(imaze.IMaze):
 
   def __init__(self, counter, **kwargs):
     super().__init__(**kwargs)
@@ -237,7 +254,7 @@ class RecordingTrain:
       self._interrupt_dir = None
       counter = _StepCounter(STOP_AFTER_STEPS)
       kwargs = config.env_kwargs_dict
-      factory = lambda seed: _InterruptingCueRecall(counter, seed=seed,
+      factory = lambda seed: _InterruptingIMaze(counter, seed=seed,
                                                     **kwargs)
     result = run_lib.train(config, env_factory=factory)
     self.results[config.logdir] = result
@@ -249,9 +266,9 @@ def grid(tmp_path_factory):
   """Three calls of the same grid: stopped at the second run, continued,
   then run again with everything finished."""
   root = tmp_path_factory.mktemp("grid")
-  kwargs = dict(GRID, name="tiny", grid_dir=str(root / "runs"),
+  kwargs = dict(RUN_GRID, name="tiny", grid_dir=str(root / "runs"),
                 results_dir=str(root / "results"), command="test grid")
-  runs = pc.plan_grid(grid_dir=kwargs["grid_dir"], **GRID)
+  runs = pc.plan_grid(grid_dir=kwargs["grid_dir"], **RUN_GRID)
   calls = []
   for interrupt in (runs[1].run_dir, None, None):
     train = RecordingTrain(interrupt)
@@ -335,7 +352,7 @@ def test_summary_per_run_json_and_plot(grid):
         "final_success", "final_return"}
     assert (record["agent"], record["seed"], record["knobs"]) == (
         run.agent, run.seed, {})
-    assert record["task"] == {"env": "cue_recall", "kwargs": {"span": 2}}
+    assert record["task"] == RUN_TASK
     assert record["actors"] == "threads"  # the runs' default engine
     # Values as read back from the run's own metrics rows.
     rows = metrics_lib.read_metrics(run.run_dir)
@@ -347,7 +364,7 @@ def test_summary_per_run_json_and_plot(grid):
         rows, "success_rate", 0.9)[0]
     with open(os.path.join(run.run_dir, pc.RUN_JSON), encoding="utf-8") as f:
       assert json.load(f) == record
-  assert summary["plots"] == ["tiny_cue_recall-span=2.png"]
+  assert summary["plots"] == ["tiny_imaze-corridor_length=2.png"]
   assert len(result.plot_paths) == 1
   with open(result.plot_paths[0], "rb") as f:
     assert f.read(8) == PNG_MAGIC

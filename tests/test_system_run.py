@@ -143,6 +143,7 @@ def learning_config(logdir) -> config_lib.TrainConfig:
       envs_per_actor=8, queue_capacity=8, replay_capacity=256)
 
 
+@pytest.mark.first  # the longest test in `make test`
 def test_ald_learns_imaze(tmp_path):
   """ALD reaches >= 90% success on I-Maze (N=4) on this 2-core machine.
 
