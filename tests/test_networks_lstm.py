@@ -10,7 +10,7 @@ from ald_jax.types import FIRST, MID, LSTMState
 
 HIDDEN, INPUT = 6, 4
 BATCH, LENGTH = 3, 10
-CORE = lstm_lib.LSTMCore(HIDDEN)
+CORE = lstm_lib.LSTMCore(HIDDEN, config_lib.LSTMConfig().forget_bias)
 PARAMS = jax.jit(CORE.init)(
     jax.random.PRNGKey(0), np.zeros((1, 2, INPUT), np.float32),
     np.full((1, 2), MID, np.int32), lstm_lib.lstm_initial_state(1, HIDDEN))
@@ -42,7 +42,6 @@ def test_params_are_fused_with_forget_bias():
 
 
 def test_forget_bias_sets_only_the_forget_gate():
-  assert lstm_lib.LSTMCore.forget_bias == config_lib.LSTMConfig().forget_bias
   core = lstm_lib.LSTMCore(HIDDEN, forget_bias=1.0)
   params = core.init(jax.random.PRNGKey(0), np.zeros((1, 2, INPUT), np.float32),
                      np.full((1, 2), MID, np.int32),

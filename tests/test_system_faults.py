@@ -448,6 +448,21 @@ def _checkpoint_names(logdir) -> list[str]:
   return sorted(os.listdir(os.path.join(logdir, run.CHECKPOINT_DIR)))
 
 
+def _assert_write_lost(logdir, writing: int) -> tuple[int, dict]:
+  """The checkpoint write at step `writing` was cut off: only its tmp
+  directory is left, and the previous complete checkpoint is the newest.
+  Returns that checkpoint's (step, metadata)."""
+  from ald_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  names = _checkpoint_names(logdir)
+  assert str(writing) not in names
+  assert [n for n in names
+          if n.startswith(f"{writing}{checkpoint.TMP_DIR_MARKER}")], names
+  previous, stored = checkpoint.read_latest_metadata(
+      logdir / run.CHECKPOINT_DIR)
+  assert 0 < previous < writing
+  return previous, stored
+
+
 def _steps_on_disk(logdir) -> list[int]:
   return sorted(int(n) for n in _checkpoint_names(logdir) if n.isdigit())
 
@@ -508,13 +523,8 @@ def test_kill_9_during_a_runs_checkpoint_write_then_resume_continues(
   finally:
     child.kill()
   assert status == -signal.SIGKILL, child.output()
-  names = _checkpoint_names(logdir)
-  assert str(writing) not in names
-  assert [n for n in names
-          if n.startswith(f"{writing}{checkpoint.TMP_DIR_MARKER}")], names
-  previous, stored = checkpoint.read_latest_metadata(
-      logdir / run.CHECKPOINT_DIR)
-  assert 0 < previous < writing and stored["learner_steps"] == previous
+  previous, stored = _assert_write_lost(logdir, writing)
+  assert stored["learner_steps"] == previous
   budget = stored["env_steps"] + 512
   resumed = run.train(_cli_config(
       logdir, "--resume", "--resume_allow_change=total_env_steps",
@@ -555,13 +565,7 @@ def test_a_second_sigterm_during_the_final_checkpoint_write_exits_at_once(
   assert status == 128 + signal.SIGTERM, output
   assert "second signal (SIGTERM): exiting now" in output
   assert "run directory:" not in output  # main never returned
-  names = _checkpoint_names(logdir)
-  assert str(writing) not in names
-  assert [n for n in names
-          if n.startswith(f"{writing}{checkpoint.TMP_DIR_MARKER}")], names
-  previous, stored = checkpoint.read_latest_metadata(
-      logdir / run.CHECKPOINT_DIR)
-  assert 0 < previous < writing
+  previous, stored = _assert_write_lost(logdir, writing)
   rows = metrics_lib.read_metrics(logdir)  # every line whole (flushed)
   assert rows and not any(row.get("stopped_by") for row in rows)
   resumed = run.train(_cli_config(

@@ -26,7 +26,6 @@ import jax.numpy as jnp
 from ald_jax.types import FIRST, LSTMState
 
 
-
 def lstm_initial_state(batch_size: int, hidden_size: int) -> LSTMState:
   """All-zeros state; needs no parameters.
 
@@ -105,7 +104,7 @@ class LSTMCore(nn.Module):
   Params: {"weights": {"kernel": [D+H, 4H], "bias": [4H]}}.
   """
   hidden_size: int
-  forget_bias: float = 3.0   # LSTMConfig's default (see there)
+  forget_bias: float   # initial forget-gate bias (LSTMConfig.forget_bias)
 
   def setup(self):
     self.weights = _FusedLSTMWeights(self.hidden_size, self.forget_bias)

@@ -244,7 +244,13 @@ class Evaluator:
       raise ValueError(f"snapshot misses parameters for {sorted(missing)}")
     if not self.due():
       return False
+    return self._hand_over(params, env_steps, learner_steps)
+
+  def _hand_over(self, params: dict[str, Params], env_steps: int,
+                 learner_steps: int) -> bool:
     with self._cond:
+      if self._closed:
+        return False
       self._pending = _Snapshot(params, int(env_steps), int(learner_steps))
       self._last_submit = time.monotonic()
       self._cond.notify_all()
@@ -256,14 +262,9 @@ class Evaluator:
     (after any evaluation in progress); False if it did not finish within
     `timeout_s` (it may still finish, or be abandoned by `stop`)."""
     deadline = time.monotonic() + timeout_s
-    if not self.started or not self.wait_idle(timeout_s):
+    if not (self.started and self.wait_idle(timeout_s) and
+            self._hand_over(params, env_steps, learner_steps)):
       return False
-    with self._cond:
-      if self._closed:
-        return False
-      self._pending = _Snapshot(params, int(env_steps), int(learner_steps))
-      self._last_submit = time.monotonic()
-      self._cond.notify_all()
     return self.wait_idle(max(0.0, deadline - time.monotonic()))
 
   def check(self) -> None:

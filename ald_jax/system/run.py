@@ -361,22 +361,20 @@ def _train_locked(cfg: config_lib.TrainConfig, factory: EnvFactory,
     stop_start = time.monotonic()
     stuck = first_error.attempt(
         "stopping actors", lambda: pool.stop(STOP_DEADLINE_S)) or []
-    if (evaluator is not None and evaluator.started and
-        first_error.error is None and
-        loop.stop_reason in ("budget", "wall_time")):
-      # On the cores the actors left: the final row's gap is of the final
-      # parameters. Bounded; a stop signal does not wait for it.
-      logging.info("evaluating the final parameters (deadline %.0f s)",
-                   FINAL_EVAL_DEADLINE_S)
-      if first_error.attempt("the final evaluation", lambda: (
-          loop.evaluate_final(FINAL_EVAL_DEADLINE_S))) is False:
-        logging.warning("the final evaluation did not finish within %.0f s;"
-                        " the last eval/* entries are of an earlier one",
-                        FINAL_EVAL_DEADLINE_S)
     if evaluator is not None:
+      if (evaluator.started and first_error.error is None and
+          loop.stop_reason in ("budget", "wall_time")):
+        # On the cores the actors left: the final row's gap is of the final
+        # parameters. Bounded; a stop signal does not wait for it.
+        logging.info("evaluating the final parameters (deadline %.0f s)",
+                     FINAL_EVAL_DEADLINE_S)
+        if first_error.attempt("the final evaluation", lambda: (
+            loop.evaluate_final(FINAL_EVAL_DEADLINE_S))) is False:
+          logging.warning("the final evaluation did not finish within %.0f "
+                          "s; the last eval/* entries are of an earlier one",
+                          FINAL_EVAL_DEADLINE_S)
+        stop_start = time.monotonic()  # the stop deadline starts after it
       evaluator.close()  # no new evaluation; one in progress may finish
-      stop_start = time.monotonic()
-    if evaluator is not None:
       # The same deadline: the evaluation finished meanwhile or is cut short.
       stuck += first_error.attempt("stopping the evaluation", lambda: (
           evaluator.stop(max(0.0, STOP_DEADLINE_S -
