@@ -374,12 +374,23 @@ def _last(rows: Sequence[dict[str, Any]], key: str) -> Any:
   return None
 
 
+def _stored_config(run_dir: str) -> dict[str, Any]:
+  """The run's latest `config.json` ({} before its first segment starts)."""
+  try:
+    with open(os.path.join(run_dir, run_dir_lib.CONFIG_NAME),
+              encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
+
+
 def run_record(run: GridRun, threshold: float,
                threshold_metric: str) -> dict[str, Any]:
   """The per-run JSON object, read from the run's metrics rows."""
   rows = metrics_lib.read_metrics(run.run_dir)
   steps, wall = first_crossing(rows, threshold_metric, threshold)
   last = rows[-1] if rows else {}
+  alone = _stored_config(run.run_dir).get("t_actor_alone", {})
   return {
       "agent": run.agent, "task": run.task, "seed": run.seed,
       "knobs": dict(run.knobs), "threshold": threshold,
@@ -394,8 +405,11 @@ def run_record(run: GridRun, threshold: float,
       "final_eval_learner_return": _last(rows, metrics_lib.EVAL_LEARNER_RETURN),
       "final_eval_actor_return": _last(rows, metrics_lib.EVAL_ACTOR_RETURN),
       "final_eval_gap_return": _last(rows, metrics_lib.EVAL_GAP_RETURN),
+      # The acting step in the run, and alone at the run's start.
       "t_actor_p50_us": _last(rows, metrics_lib.T_ACTOR_P50),
       "t_actor_p99_us": _last(rows, metrics_lib.T_ACTOR_P99),
+      "t_actor_alone_p50_us": alone.get("p50_us"),
+      "t_actor_alone_p99_us": alone.get("p99_us"),
       "stopped_by": last.get("stopped_by"),
       "actors": run.config().actors,   # the engine: threads or processes
       "run_dir": run.run_dir,

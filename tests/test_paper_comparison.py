@@ -207,6 +207,13 @@ def test_first_crossing_and_the_run_record(tmp_path):
           record["final_eval_gap_return"]) == (1.0, 0.25, 0.75)
   assert (record["agent"], record["seed"], record["knobs"]) == ("ald", 1, {})
   assert record["task"] == {"env": "cue_recall", "kwargs": {"span": 2}}
+  # The acting step alone comes from the run's config (none before it runs).
+  assert record["t_actor_alone_p50_us"] is None
+  run_dir_lib.write_segment_config(run.run_dir, 0, {
+      "t_actor_alone": {"envs": 2, "p50_us": 40.0, "p99_us": 90.0}})
+  record = pc.run_record(run, 0.9, "success_rate")
+  assert (record["t_actor_alone_p50_us"],
+          record["t_actor_alone_p99_us"]) == (40.0, 90.0)
 
 
 # ---- a real grid: completes, skips, resumes ------------------------------------
@@ -354,6 +361,7 @@ def test_summary_per_run_json_and_plot(grid):
         run.agent, run.seed, {})
     assert record["task"] == RUN_TASK
     assert record["actors"] == "threads"  # the runs' default engine
+    assert record["t_actor_alone_p99_us"] >= record["t_actor_alone_p50_us"] > 0
     # Values as read back from the run's own metrics rows.
     rows = metrics_lib.read_metrics(run.run_dir)
     assert record["final_success"] == [
