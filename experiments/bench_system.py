@@ -1,4 +1,4 @@
-"""End-to-end throughput of the four agents on I-Maze, in one process.
+"""End-to-end throughput of the four agents on I-Maze, one agent after another.
 
 Each agent runs for a fixed wall-clock budget; rates are steady-state (from
 the first report after the learner's first step to the last), so compile time
@@ -114,7 +114,10 @@ def bench_agent(agent: str, workdir: str) -> dict:
       t_actor_policy="warn", report_interval_s=2.0,
       checkpoint_interval_s=10**6, logdir=os.path.join(workdir, agent),
       max_wall_time_s=_SECONDS.value + 60.0,  # + start-up and compile
-      actors=_ACTORS.value)
+      actors=_ACTORS.value,
+      # No learner-actor gap evaluation: its thread would share the
+      # learner's process and cores with what is measured here.
+      eval_interval_s=0.0)
   alone = t_actor_alone(config)
   result = run.train(config)
   rows = metrics_lib.read_metrics(result.run_dir)
