@@ -44,6 +44,7 @@ import chex
 import jax
 import numpy as np
 
+from ald_jax import learner as learner_lib  # ActorCore, the actor contract
 from ald_jax import types
 from ald_jax.envs import specs as specs_lib
 from ald_jax.system import affinity
@@ -157,7 +158,7 @@ class ActorThread(threading.Thread):
     make_env: zero-argument callable returning a batched env (BatchedEnv
       interface: reset(), step(actions), close(), num_envs); called inside
       the thread.
-    core: ActorCore (initial_state, step, recorded_state).
+    core: learner_lib.ActorCore (initial_state, step, recorded_state).
     params_slot: where the learner publishes actor parameters.
     unroll_queue: bounded queue receiving `types.Batch` unrolls [E, C+T+1].
     stop_event: shared; set by anyone to stop, set by this thread on error.
@@ -177,7 +178,7 @@ class ActorThread(threading.Thread):
   it with the clock.
   """
 
-  def __init__(self, actor_id: int, make_env: Callable[[], Any], core: Any,
+  def __init__(self, actor_id: int, make_env: Callable[[], Any], core: learner_lib.ActorCore,
                params_slot: params_lib.ParamsSlot,
                unroll_queue: queue_lib.Queue, stop_event: threading.Event,
                errors: queue_utils.ErrorHolder, *, unroll_length: int,
@@ -450,7 +451,7 @@ class ActorThread(threading.Thread):
       self._record_episodes(timestep)
 
 
-def calibrate_core(core: Any, params: Params, obs_shape: Sequence[int],
+def calibrate_core(core: learner_lib.ActorCore, params: Params, obs_shape: Sequence[int],
                    num_envs: int, *, budget_ms: float | None,
                    policy: str = "refuse", num_calls: int = 200,
                    cores: Collection[int] | None = None,

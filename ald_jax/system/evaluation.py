@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ald_jax import learner as learner_lib  # ActorCore, the actor contract
 from ald_jax.system import errors
 
 Params = Any
@@ -64,7 +65,7 @@ class EvalResult(NamedTuple):
   episodes: int
 
 
-def make_eval_act(core: Any, greedy: bool) -> Callable[..., Any]:
+def make_eval_act(core: learner_lib.ActorCore, greedy: bool) -> Callable[..., Any]:
   """Jitted acting step of an `ActorCore` for evaluation.
 
   act(params, observation, step_type, state, key) -> (action, state, key):

@@ -21,6 +21,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 from absl import logging
 
+from ald_jax import learner as learner_lib  # ActorCore, the actor contract
 from ald_jax import types
 from ald_jax.envs import specs as specs_lib
 from ald_jax.system import actor as actor_lib
@@ -54,7 +55,7 @@ class ActorSpec:
   Shared by the thread and the Ray pools so both act the same way.
   """
 
-  def __init__(self, *, make_env: Callable[[int], Any], core: Any,
+  def __init__(self, *, make_env: Callable[[int], Any], core: learner_lib.ActorCore,
                num_actors: int, envs_per_actor: int, unroll_length: int,
                context_length: int, seed_for: Callable[[int], int],
                cores: Sequence[frozenset[int] | None],

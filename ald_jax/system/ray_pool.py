@@ -42,6 +42,7 @@ from absl import logging
 import numpy as np
 
 from ald_jax import config as config_lib
+from ald_jax import learner as learner_lib  # ActorCore, the actor contract
 from ald_jax import types
 from ald_jax.system import actor as actor_lib
 from ald_jax.system import affinity
@@ -115,7 +116,7 @@ class ActorGroup:
   """
 
   def __init__(self, actor_ids: Sequence[int], spec: pool_lib.ActorSpec,
-               core: Any, seeds: Sequence[int],
+               core: learner_lib.ActorCore, seeds: Sequence[int],
                cores: Sequence[frozenset[int] | None], queue_capacity: int,
                poll_s: float = 0.1):
     if not actor_ids or not len(actor_ids) == len(seeds) == len(cores):
@@ -197,7 +198,6 @@ class _ActorProcess:
                queue_capacity: int):
     import jax  # pylint: disable=import-outside-toplevel
     from ray import cloudpickle  # pylint: disable=import-outside-toplevel
-    from ald_jax import learner as learner_lib  # pylint: disable=import-outside-toplevel
     jax.config.update("jax_cpu_enable_async_dispatch", False)
     spec = cloudpickle.loads(spec_blob)
     core = learner_lib.make_learner(learner_config, env_info.obs_shape,
