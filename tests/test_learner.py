@@ -160,9 +160,13 @@ def test_vmpo_target_refreshes_every_period():
   net = lambda s: s.learner_params["net"]
   for step in range(1, 7):
     state, metrics = learner.step(state, batch)
-    same = tree_norm(jax.tree_util.tree_map(jnp.subtract, net(state),
-                                            state.target_params)) == 0.0
-    assert same == (step % 3 == 0), step
+    # A refresh copies the new parameters, but XLA may compute the copy in a
+    # fusion of its own: at -O0 on CPU it differed by float32 rounding (norm
+    # ~7e-8), while one Adam step moves every parameter by ~lr = 3e-4 (norm
+    # ~1.6 here).
+    distance = float(tree_norm(jax.tree_util.tree_map(
+        jnp.subtract, net(state), state.target_params)))
+    assert (distance < 1e-6) == (step % 3 == 0), (step, distance)
     assert float(metrics["vmpo/target_refreshed"]) == float(step % 3 == 0)
 
 

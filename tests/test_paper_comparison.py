@@ -55,7 +55,10 @@ RUN_FLAGS = (
     "--gtrxl_num_heads=2", "--gtrxl_mlp_size=64", "--gtrxl_memory_length=8",
     "--num_actors=2", "--envs_per_actor=4", "--replay_capacity=64",
     "--queue_capacity=4", "--t_actor_budget_ms=1000", "--report_interval_s=0.3",
-    "--checkpoint_interval_s=3600", "--notensorboard")
+    "--checkpoint_interval_s=3600", "--notensorboard",
+    # No gap evaluation (tests/test_system_eval.py has it): its acting steps
+    # compile and its final evaluation runs after every ALD run.
+    "--eval_interval_s=0")
 RUN_TASK = {"env": "imaze", "kwargs": {"corridor_length": 2}}
 RUN_GRID = dict(agents=["ald", "lstm"], seeds=[1, 2], env="imaze",
                 env_kwargs_grid="corridor_length=2", train_flags=RUN_FLAGS)

@@ -30,6 +30,10 @@ from test_system_run import actor_threads_alive, tiny_run  # pylint: disable=wro
 WAIT_S = 120.0  # generous bound on a wait that must not hang
 
 
+# tiny_run evaluates nothing; these runs evaluate at the start and then every
+# 30 s (the default).
+EVALUATING = dict(eval_interval_s=30.0)
+
 def episode_length(seed):
   return 2 + seed % 3
 
@@ -333,7 +337,7 @@ class EvalOnlyCrash(dm_env.Environment):
 
 
 def test_an_evaluation_error_stops_the_run_with_its_cause(tmp_path):
-  config = tiny_run(tmp_path, total_env_steps=10**8)
+  config = tiny_run(tmp_path, total_env_steps=10**8, **EVALUATING)
   with pytest.raises(errors.EvaluationError,
                      match="evaluation environment exploded on purpose"):
     run.train(config, env_factory=EvalOnlyCrash)
@@ -379,7 +383,8 @@ def test_a_blocked_evaluation_stalls_neither_actors_nor_learner(
   BlockedEvaluationEnv.blocked.clear()
   BlockedEvaluationEnv.release.clear()
   try:
-    result = run.train(tiny_run(tmp_path), env_factory=BlockedEvaluationEnv)
+    result = run.train(tiny_run(tmp_path, **EVALUATING),
+                       env_factory=BlockedEvaluationEnv)
   finally:
     BlockedEvaluationEnv.release.set()
   assert result.stopped_by == "budget"

@@ -19,6 +19,7 @@ from ald_jax import metrics as metrics_lib
 from ald_jax.envs import imaze
 from ald_jax.envs import specs
 from ald_jax.system import errors
+from ald_jax.system import loop as loop_lib
 from ald_jax.system import run
 
 from test_system_run import actor_threads_alive, tiny_run  # pylint: disable=wrong-import-order
@@ -57,11 +58,13 @@ class Hang:
     self.announce = announce
     self.release = threading.Event()
     self.hanging = threading.Event()
+    self.hung_threads = set()  # names of the threads blocked here
 
   def __call__(self, n, timestep):
     if n >= self.after:
       if self.announce and not self.hanging.is_set():
         print("an environment hangs now", flush=True)
+      self.hung_threads.add(threading.current_thread().name)
       self.hanging.set()
       self.release.wait()
     return timestep
@@ -80,13 +83,24 @@ def _release_and_join(hang: Hang):
 
 @pytest.mark.timeout(180)
 def test_hanging_env_stops_at_the_wall_time_limit_and_reports_stuck_actors(
-    tmp_path):
-  # Hangs while the learner's first step compiles (~20 s here): the loop
-  # then waits on an empty queue until the wall-time limit.
+    tmp_path, monkeypatch):
+  """No stall limit: the run stops at its wall-time limit although every
+  actor hangs in its environment, and names the stuck actors.
+
+  The loop's clock jumps past the limit once every actor thread hangs, so
+  the limit falls while they all hang whatever the machine's speed; the
+  stop deadline is cut to 1 s (a hung thread never meets it)."""
   hang = Hang(after=30)
+  limit_s = 3600.0
   config = tiny_run(tmp_path, agent="lstm", total_env_steps=10**8,
-                    max_wall_time_s=30.0, checkpoint_interval_s=2.0,
+                    max_wall_time_s=limit_s, checkpoint_interval_s=2.0,
                     actor_stall_s=0.0)
+  elapsed_s = loop_lib.LearnerLoop.elapsed_s
+  monkeypatch.setattr(
+      loop_lib.LearnerLoop, "elapsed_s",
+      lambda loop: elapsed_s(loop) + (
+          limit_s if len(hang.hung_threads) >= config.num_actors else 0))
+  monkeypatch.setattr(run, "STOP_DEADLINE_S", 1.0)
   try:
     result = run.train(config, env_factory=hang.factory)
   finally:
@@ -96,7 +110,7 @@ def test_hanging_env_stops_at_the_wall_time_limit_and_reports_stuck_actors(
   assert hang.hanging.is_set()
   assert result.stopped_by == "wall_time"
   assert result.stuck_actors and set(result.stuck_actors) <= set(stuck)
-  # Reports and checkpoints ran while the learner waited for unrolls.
+  assert set(result.stuck_actors) == hang.hung_threads
   rows = metrics_lib.read_metrics(result.run_dir)
   assert rows[-1]["stopped_by"] == "wall_time"
   assert rows[-1]["stuck_actors"] == ",".join(result.stuck_actors)
