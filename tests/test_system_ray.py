@@ -415,3 +415,28 @@ def test_cluster_actors_on_worker_nodes_only_learn_imaze(tmp_path, monkeypatch):
     cluster.shutdown()
   assert placed and placed <= {w.node_id for w in workers}
   assert result.final_row["success_rate"] >= 0.9, result.final_row
+
+
+def test_an_unresponsive_process_is_restarted_after_actor_stall_s(monkeypatch):
+  """`check()`: a poll outstanding longer than actor_stall_s restarts a
+  process that has answered before (a live one answers within POLL_S); one
+  still starting (no answer yet) gets STARTUP_GRACE_S more."""
+  pool = ray_pool.RayActorPool.__new__(ray_pool.RayActorPool)
+  pool._config = dataclasses.replace(tiny_run("unused"), actor_stall_s=5.0)  # pylint: disable=protected-access
+  answered, starting = ray_pool._Slot(0, [0]), ray_pool._Slot(1, [1])  # pylint: disable=protected-access
+  answered.last = object()
+  pool._slots = [answered, starting]  # pylint: disable=protected-access
+  restarted = []
+  monkeypatch.setattr(pool, "_restart",
+                      lambda slot, why: restarted.append((slot.process_id,
+                                                          why)))
+  for slot in (answered, starting):
+    slot.pending, slot.pending_since = object(), time.monotonic() - 10.0
+  pool.check()
+  assert [p for p, _ in restarted] == [0]
+  assert "unresponsive for 10 s (--actor_stall_s=5)" in restarted[0][1]
+  starting.pending_since = time.monotonic() - (
+      5.0 + ray_pool.STARTUP_GRACE_S + 10.0)
+  answered.pending_since = time.monotonic()
+  pool.check()
+  assert [p for p, _ in restarted] == [0, 1]

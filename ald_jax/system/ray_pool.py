@@ -58,6 +58,9 @@ RAY_CLUSTER_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 # Actor processes act on their CPU (never grab the learner's accelerator).
 ACTOR_PROCESS_ENV = dict(RAY_CLUSTER_ENV, JAX_PLATFORMS="cpu")
 POLL_S = 0.5            # how long a process's poll call waits for an unroll
+# A process that has not answered yet is building its core and compiling:
+# it gets this much longer than actor_stall_s before it counts as stuck.
+STARTUP_GRACE_S = 60.0
 LATENCY_SAMPLES = 4096  # T_actor samples a process sends per report
 
 
@@ -415,17 +418,18 @@ class RayActorPool:
     self._launch(slot)
 
   def check(self) -> None:
-    """Restarts a process whose poll has not returned for actor_stall_s."""
+    """Restarts a process whose poll has not returned for actor_stall_s
+    (a poll returns within POLL_S from a live process); one that has not
+    answered since its start gets STARTUP_GRACE_S more."""
     stall_s = self._config.actor_stall_s
     if not stall_s:
       return
     now = time.monotonic()
     for slot in self._slots:
-      if slot.pending is not None and now - slot.pending_since > stall_s + 60:
-        # No reply at all (the process is unresponsive); +60 s leaves room
-        # for a process's start-up and compilation.
+      limit_s = stall_s + (STARTUP_GRACE_S if slot.last is None else 0.0)
+      if slot.pending is not None and now - slot.pending_since > limit_s:
         self._restart(slot, f"unresponsive for {now - slot.pending_since:.0f} "
-                      "s")
+                      f"s (--actor_stall_s={stall_s:g})")
 
   # ---- reporting ----
 
