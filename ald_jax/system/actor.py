@@ -178,7 +178,8 @@ class ActorThread(threading.Thread):
   it with the clock.
   """
 
-  def __init__(self, actor_id: int, make_env: Callable[[], Any], core: learner_lib.ActorCore,
+  def __init__(self, actor_id: int, make_env: Callable[[], Any],
+               core: learner_lib.ActorCore,
                params_slot: params_lib.ParamsSlot,
                unroll_queue: queue_lib.Queue, stop_event: threading.Event,
                errors: queue_utils.ErrorHolder, *, unroll_length: int,
@@ -451,8 +452,9 @@ class ActorThread(threading.Thread):
       self._record_episodes(timestep)
 
 
-def calibrate_core(core: learner_lib.ActorCore, params: Params, obs_shape: Sequence[int],
-                   num_envs: int, *, budget_ms: float | None,
+def calibrate_core(core: learner_lib.ActorCore, params: Params,
+                   obs_shape: Sequence[int], num_envs: int, *,
+                   budget_ms: float | None,
                    policy: str = "refuse", num_calls: int = 200,
                    cores: Collection[int] | None = None,
                    seed: int = 0) -> timing.LatencySummary:

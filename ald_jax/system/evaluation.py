@@ -65,7 +65,8 @@ class EvalResult(NamedTuple):
   episodes: int
 
 
-def make_eval_act(core: learner_lib.ActorCore, greedy: bool) -> Callable[..., Any]:
+def make_eval_act(core: learner_lib.ActorCore,
+                  greedy: bool) -> Callable[..., Any]:
   """Jitted acting step of an `ActorCore` for evaluation.
 
   act(params, observation, step_type, state, key) -> (action, state, key):

@@ -55,7 +55,8 @@ class ActorSpec:
   Shared by the thread and the Ray pools so both act the same way.
   """
 
-  def __init__(self, *, make_env: Callable[[int], Any], core: learner_lib.ActorCore,
+  def __init__(self, *, make_env: Callable[[int], Any],
+               core: learner_lib.ActorCore,
                num_actors: int, envs_per_actor: int, unroll_length: int,
                context_length: int, seed_for: Callable[[int], int],
                cores: Sequence[frozenset[int] | None],
