@@ -338,11 +338,11 @@ def run_status(run: GridRun) -> str:
   if not (finished or _has_checkpoints(run.run_dir)):
     return "new"
   config = run.config(resume=True)
-  stored_path = os.path.join(run.run_dir, run_dir_lib.CONFIG_NAME)
-  if os.path.exists(stored_path):
+  stored = run_dir_lib.read_latest_config(run.run_dir)
+  if stored is not None:
     try:
       run_dir_lib.check_resume_config(
-          _read_json(stored_path)["train"], config,
+          stored["train"], config,
           config.resume_allow_change, _FLAG_PATHS)
     except config_lib.ConfigError as error:
       raise GridError(f"{run.run_dir}: {error}") from None
@@ -374,23 +374,14 @@ def _last(rows: Sequence[dict[str, Any]], key: str) -> Any:
   return None
 
 
-def _stored_config(run_dir: str) -> dict[str, Any]:
-  """The run's latest `config.json` ({} before its first segment starts)."""
-  try:
-    with open(os.path.join(run_dir, run_dir_lib.CONFIG_NAME),
-              encoding="utf-8") as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return {}
-
-
 def run_record(run: GridRun, threshold: float,
                threshold_metric: str) -> dict[str, Any]:
   """The per-run JSON object, read from the run's metrics rows."""
   rows = metrics_lib.read_metrics(run.run_dir)
   steps, wall = first_crossing(rows, threshold_metric, threshold)
   last = rows[-1] if rows else {}
-  alone = _stored_config(run.run_dir).get("t_actor_alone", {})
+  alone = (run_dir_lib.read_latest_config(run.run_dir) or {}).get(
+      "t_actor_alone", {})
   return {
       "agent": run.agent, "task": run.task, "seed": run.seed,
       "knobs": dict(run.knobs), "threshold": threshold,

@@ -73,6 +73,15 @@ class Hang:
     return WrappedIMaze(seed, self)
 
 
+def jump_clock_when(monkeypatch, jump_s: float, condition) -> None:
+  """The learner loop's clock runs `jump_s` ahead while `condition()` holds:
+  a wall-time limit falls at a chosen moment, whatever the machine's speed."""
+  elapsed_s = loop_lib.LearnerLoop.elapsed_s
+  monkeypatch.setattr(
+      loop_lib.LearnerLoop, "elapsed_s",
+      lambda loop: elapsed_s(loop) + (jump_s if condition() else 0.0))
+
+
 def _release_and_join(hang: Hang):
   hang.release.set()
   for thread in threading.enumerate():
@@ -95,11 +104,8 @@ def test_hanging_env_stops_at_the_wall_time_limit_and_reports_stuck_actors(
   config = tiny_run(tmp_path, agent="lstm", total_env_steps=10**8,
                     max_wall_time_s=limit_s, checkpoint_interval_s=2.0,
                     actor_stall_s=0.0)
-  elapsed_s = loop_lib.LearnerLoop.elapsed_s
-  monkeypatch.setattr(
-      loop_lib.LearnerLoop, "elapsed_s",
-      lambda loop: elapsed_s(loop) + (
-          limit_s if len(hang.hung_threads) >= config.num_actors else 0))
+  jump_clock_when(monkeypatch, limit_s,
+                  lambda: len(hang.hung_threads) >= config.num_actors)
   monkeypatch.setattr(run, "STOP_DEADLINE_S", 1.0)
   try:
     result = run.train(config, env_factory=hang.factory)

@@ -19,6 +19,7 @@ from ald_jax.system import ray_pool  # pylint: disable=wrong-import-position
 from ald_jax.system import run  # pylint: disable=wrong-import-position
 
 from test_system_actor import FAKE_CORE, CounterEnv, JOIN_S, _params  # pylint: disable=wrong-import-order,wrong-import-position
+from test_system_faults import jump_clock_when  # pylint: disable=wrong-import-order,wrong-import-position
 from test_system_run import tiny_run  # pylint: disable=wrong-import-order,wrong-import-position
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -254,11 +255,8 @@ def test_hanging_env_in_processes_stops_at_the_wall_time_limit_leaving_nothing(
   markers = tmp_path / "hung"
   markers.mkdir()
   limit_s = 3600.0
-  elapsed_s = loop_lib.LearnerLoop.elapsed_s
-  monkeypatch.setattr(
-      loop_lib.LearnerLoop, "elapsed_s",
-      lambda loop: elapsed_s(loop) + (limit_s if len(os.listdir(markers)) >= 2
-                                       else 0))
+  jump_clock_when(monkeypatch, limit_s,
+                  lambda: len(os.listdir(markers)) >= 2)
   config = process_run(tmp_path / "run", total_env_steps=10**8,
                        actor_stall_s=0.0, max_wall_time_s=limit_s)
   result = run.train(config, env_factory=HangingIMaze(str(markers)))

@@ -154,6 +154,7 @@ def test_every_segment_keeps_its_config(tmp_path):
   first = {"train": checkpoint.to_jsonable(_config()), "obs_shape": (3,)}
   second = {"train": checkpoint.to_jsonable(_config(total_env_steps=5000)),
             "obs_shape": (3,)}
+  assert run_dir_lib.read_latest_config(tmp_path) is None  # none written
   path = run_dir_lib.write_segment_config(tmp_path, 0, first)
   assert path == str(tmp_path / "config.0.json")
   run_dir_lib.write_segment_config(tmp_path, 1, second)
@@ -164,6 +165,7 @@ def test_every_segment_keeps_its_config(tmp_path):
   assert load("config.0.json")["train"]["total_env_steps"] == 1000
   assert load("config.1.json")["train"]["total_env_steps"] == 5000
   assert load("config.json") == load("config.1.json")  # the latest
+  assert run_dir_lib.read_latest_config(tmp_path) == load("config.1.json")
   assert load("config.0.json")["obs_shape"] == [3]
   assert sorted(os.listdir(tmp_path)) == [
       "config.0.json", "config.1.json", "config.json"]  # no tmp files left

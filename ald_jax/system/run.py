@@ -56,7 +56,6 @@ from ald_jax.system import run_dir as run_dir_lib
 from ald_jax.system import timing
 
 EnvFactory = Callable[[int], Any]
-CONFIG_NAME = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 
 

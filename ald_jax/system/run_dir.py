@@ -173,6 +173,16 @@ def write_segment_config(run_dir: str | os.PathLike, segment: int,
   return path
 
 
+def read_latest_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+  """The latest segment's resolved config (`config.json`, as written by
+  `write_segment_config`); None before a run's first segment writes it."""
+  try:
+    with open(os.path.join(run_dir, CONFIG_NAME), encoding="utf-8") as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return None
+
+
 # ---- resume: stored vs new config --------------------------------------------
 
 def flatten_config(tree: Mapping[str, Any], prefix: str = ""
