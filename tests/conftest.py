@@ -9,11 +9,10 @@ import tempfile
 # Read when JAX's CPU backend starts (lazily, after this import); subprocesses
 # started by tests inherit it. Tests compile many small learner variants and
 # run each for a few steps, so compile time dominates: LLVM's cheap passes at
-# optimisation level 0. Measured on 2 cores (a tiny ALD V-MPO learner step,
-# with another job running): compiled in ~13 s at level 0, ~25 s with cheap
-# passes alone; the step ran ~1.4x slower at level 0. `make test` went from
-# 792 s to 656 s; the learning run, the one test that runs long, from 168 s
-# to 203 s.
+# optimisation level 0: compiled code runs slower, compiles much faster. On
+# the 2-core machine (pytest's own timings) `make test` went from 792 s to
+# 656 s with it; the learning run, the one test that runs long, from 168 s to
+# 203 s.
 _TEST_XLA_FLAGS = ("--xla_llvm_disable_expensive_passes=true",
                    "--xla_backend_optimization_level=0")
 _xla_flags = os.environ.get("XLA_FLAGS", "")
