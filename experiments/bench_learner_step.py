@@ -101,6 +101,13 @@ def measure_learner(num_steps: int, obs_shape, num_actions) -> dict:
   }
 
 
+def _put(out: dict, key: str, value) -> None:
+  """Stores one figure and echoes it to stderr at once, so a run cut short by
+  a time limit (a lent GPU's budget) still leaves what it measured."""
+  out[key] = value
+  print(json.dumps({key: value}), file=sys.stderr, flush=True)
+
+
 def _timed(fn, num_steps):
   out = fn()   # compile
   jax.block_until_ready(out)
@@ -151,17 +158,17 @@ def measure_memory_and_replay(num_steps: int, obs_shape, num_actions,
 
     if teacher == "stored":
       frames = b * cfg.unroll_length
-      out["learner_frames_per_s_recompute"] = round(
-          frames / _timed(combined(False), num_steps), 1)
-      out["learner_frames_per_s_cached"] = round(
-          frames / _timed(combined(True), num_steps), 1)
+      _put(out, "learner_frames_per_s_recompute", round(
+          frames / _timed(combined(False), num_steps), 1))
+      _put(out, "learner_frames_per_s_cached", round(
+          frames / _timed(combined(True), num_steps), 1))
       out["cached_over_recompute"] = round(
           out["learner_frames_per_s_cached"] /
           out["learner_frames_per_s_recompute"], 2)
     else:
       combined(False)()   # fill the replay
-    out[f"distill_step_ms_{teacher}"] = round(
-        _timed(distill, num_steps) * 1e3, 2)
+    _put(out, f"distill_step_ms_{teacher}", round(
+        _timed(distill, num_steps) * 1e3, 2))
   return out
 
 
@@ -218,8 +225,8 @@ def measure_gtrxl_alone(num_steps: int, config: config_lib.LearnerConfig,
        loss) = train(holder["params"], holder["opt"], holder["memory"])
       return loss
 
-    out[f"gtrxl_frames_per_s_{variant}"] = round(
-        b * t / _timed(run, num_steps), 1)
+    _put(out, f"gtrxl_frames_per_s_{variant}", round(
+        b * t / _timed(run, num_steps), 1))
   out["gtrxl_cached_over_recompute"] = round(
       out["gtrxl_frames_per_s_cached"] / out["gtrxl_frames_per_s_recompute"],
       2)
@@ -296,7 +303,10 @@ def main(argv):
       result["lstm_b1_p50_us"] / result["dispatch_floor_us"], 2)
   result["gtrxl_over_lstm_b1"] = round(
       result["gtrxl_b1_p50_us"] / result["lstm_b1_p50_us"], 1)
-  result.update(measure_learner(args.learner_steps, obs_shape, num_actions))
+  print(json.dumps(result), file=sys.stderr, flush=True)
+  learner = measure_learner(args.learner_steps, obs_shape, num_actions)
+  print(json.dumps(learner), file=sys.stderr, flush=True)
+  result.update(learner)
   result.update(measure_memory_and_replay(args.learner_steps, obs_shape,
                                           num_actions))
   print(json.dumps(result, indent=1, default=str))

@@ -164,7 +164,10 @@ def main(argv):
   }
   with tempfile.TemporaryDirectory() as workdir:
     for agent in _AGENTS.value:
-      result.update(bench_agent(agent, workdir))
+      figures = bench_agent(agent, workdir)
+      # Echoed at once: a run cut short by a time limit keeps what it measured.
+      print(json.dumps(figures), file=sys.stderr, flush=True)
+      result.update(figures)
   text = json.dumps(result, indent=2)
   print(text)
   if _OUT.value:

@@ -3,6 +3,7 @@
 # recorded so the figures in experiments/results/*_h200* can be reproduced.
 #
 #   bash experiments/gpu_session.sh check   # versions, a short run, learner benchmarks, GPU tests
+#   bash experiments/gpu_session.sh bench   # versions, learner-step and system benchmarks, a GPU test
 #   bash experiments/gpu_session.sh grid    # memory-span grid: 8 runs at a time, 2 pinned cores each
 #
 # The machine's image has jax/flax/optax/chex/orbax; the few missing pure
@@ -22,12 +23,16 @@ SMALL="--gtrxl_num_layers=2 --gtrxl_d_model=64 --gtrxl_mlp_size=128
   --lstm_hidden_size=64 --torso_mlp_sizes=64 --unroll_length=16
   --report_interval_s=5 --notensorboard --actors=threads --t_actor_policy=warn"
 
-check() {
+versions() {
   python3 -c "import sys, jax, flax, optax, chex, orbax.checkpoint as o, numpy
 print(sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__,
       'optax', optax.__version__, 'chex', chex.__version__, 'numpy', numpy.__version__)
 print(jax.devices())" 2>&1 | tee "$OUT/versions.txt"
   nvidia-smi -L >> "$OUT/versions.txt"; nproc >> "$OUT/versions.txt"
+}
+
+check() {
+  versions
   timeout 100 python3 -m ald_jax.train $SMALL --gtrxl_memory_length=32 \
     --learner_context=32 --total_env_steps=20000 --logdir=/tmp/smoke_run \
     > "$OUT/smoke_run.log" 2>&1; echo "smoke run rc=$?" | tee -a "$OUT/smoke_run.log"
@@ -42,6 +47,42 @@ print(jax.devices())" 2>&1 | tee "$OUT/versions.txt"
     tests/test_learner_memory.py tests/test_networks_gtrxl.py \
     > "$OUT/gpu_tests.log" 2>&1; echo "gpu tests rc=$?"; tail -3 "$OUT/gpu_tests.log"
   echo "check took $(( $(date +%s) - START )) s"
+}
+
+# Seconds left before $BENCH_SECONDS (default 560) have passed, capped at $1.
+left() {
+  local rest=$(( START + ${BENCH_SECONDS:-560} - $(date +%s) ))
+  [ "$rest" -lt "$1" ] && echo "$rest" || echo "$1"
+}
+
+# Benchmarks one after another (never two on the GPU at once). Each echoes its
+# figures to stderr as they come, so one cut by its time limit keeps them.
+bench() {
+  versions
+  timeout "$(left 170)" python3 experiments/bench_learner_step.py --iters 300 \
+    --learner_steps 20 > "$OUT/bench_learner_step_default.json" \
+    2> "$OUT/bench_learner_step_default.err"
+  echo "bench_learner_step default rc=$? at $(( $(date +%s) - START )) s"
+  timeout "$(left 180)" python3 experiments/bench_system.py \
+    --agents=ald,transformer --seconds_per_agent=20 --alone_calls=2000 \
+    --learner_memory=cached --out="$OUT/bench_system_cached.json" \
+    > /dev/null 2> "$OUT/bench_system_cached.err"
+  echo "bench_system cached rc=$? at $(( $(date +%s) - START )) s"
+  timeout "$(left 90)" python3 experiments/bench_system.py \
+    --agents=ald --seconds_per_agent=20 --alone_calls=2000 \
+    --learner_memory=recompute --out="$OUT/bench_system_recompute.json" \
+    > /dev/null 2> "$OUT/bench_system_recompute.err"
+  echo "bench_system recompute rc=$? at $(( $(date +%s) - START )) s"
+  timeout "$(left 110)" python3 experiments/bench_learner_step.py \
+    --shape=large --learner_steps 20 > "$OUT/bench_learner_step_large.json" \
+    2> "$OUT/bench_learner_step_large.err"
+  echo "bench_learner_step large rc=$? at $(( $(date +%s) - START )) s"
+  timeout "$(left 45)" python3 -m pytest -q -p no:cacheprovider \
+    tests/test_networks_gtrxl.py -k step_form_matches_sequence_form \
+    > "$OUT/gpu_test.log" 2>&1
+  echo "gpu test rc=$?"; tail -2 "$OUT/gpu_test.log"
+  grep -h '^{' "$OUT"/*.err | cut -c1-300
+  echo "bench took $(( $(date +%s) - START )) s"
 }
 
 # One grid slot: runs its jobs one after another on cores $1,$1+1.
