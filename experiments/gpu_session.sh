@@ -3,7 +3,8 @@
 # recorded so the figures in experiments/results/*_h200* can be reproduced.
 #
 #   bash experiments/gpu_session.sh check   # versions, a short run, learner benchmarks, GPU tests
-#   bash experiments/gpu_session.sh bench   # versions, learner-step and system benchmarks, a GPU test
+#   bash experiments/gpu_session.sh bench   # versions, learner-step benchmarks, a GPU test
+#   bash experiments/gpu_session.sh system  # versions, end-to-end ALD vs transformer, cached vs recompute
 #   bash experiments/gpu_session.sh grid    # memory-span grid: 8 runs at a time, 2 pinned cores each
 #
 # The machine's image has jax/flax/optax/chex/orbax; the few missing pure
@@ -55,34 +56,44 @@ left() {
   [ "$rest" -lt "$1" ] && echo "$rest" || echo "$1"
 }
 
-# Benchmarks one after another (never two on the GPU at once). Each echoes its
-# figures to stderr as they come, so one cut by its time limit keeps them.
+# Learner-step benchmarks one after another (never two on the GPU at once),
+# then the GPU test. Each echoes its figures to stderr as they come, so one cut
+# by its time limit keeps them. ~6 minutes.
 bench() {
   versions
   timeout "$(left 170)" python3 experiments/bench_learner_step.py --iters 300 \
     --learner_steps 20 > "$OUT/bench_learner_step_default.json" \
     2> "$OUT/bench_learner_step_default.err"
   echo "bench_learner_step default rc=$? at $(( $(date +%s) - START )) s"
-  timeout "$(left 180)" python3 experiments/bench_system.py \
-    --agents=ald,transformer --seconds_per_agent=20 --alone_calls=2000 \
-    --learner_memory=cached --out="$OUT/bench_system_cached.json" \
-    > /dev/null 2> "$OUT/bench_system_cached.err"
-  echo "bench_system cached rc=$? at $(( $(date +%s) - START )) s"
-  timeout "$(left 90)" python3 experiments/bench_system.py \
-    --agents=ald --seconds_per_agent=20 --alone_calls=2000 \
-    --learner_memory=recompute --out="$OUT/bench_system_recompute.json" \
-    > /dev/null 2> "$OUT/bench_system_recompute.err"
-  echo "bench_system recompute rc=$? at $(( $(date +%s) - START )) s"
-  timeout "$(left 110)" python3 experiments/bench_learner_step.py \
-    --shape=large --learner_steps 20 > "$OUT/bench_learner_step_large.json" \
+  timeout "$(left 190)" python3 experiments/bench_learner_step.py \
+    --shape=large --learner_steps 10 > "$OUT/bench_learner_step_large.json" \
     2> "$OUT/bench_learner_step_large.err"
   echo "bench_learner_step large rc=$? at $(( $(date +%s) - START )) s"
-  timeout "$(left 45)" python3 -m pytest -q -p no:cacheprovider \
+  timeout "$(left 50)" python3 -m pytest -q -p no:cacheprovider \
     tests/test_networks_gtrxl.py -k step_form_matches_sequence_form \
     > "$OUT/gpu_test.log" 2>&1
   echo "gpu test rc=$?"; tail -2 "$OUT/gpu_test.log"
   grep -h '^{' "$OUT"/*.err | cut -c1-300
   echo "bench took $(( $(date +%s) - START )) s"
+}
+
+# End to end: ALD and the transformer agent with segment memory, then ALD
+# re-reading its context. Each agent runs seconds_per_agent + 60 s (start-up,
+# compile) whatever happens, so the limits leave ~30 s more. ~7 minutes.
+# 15 minutes of device time (start-ups included) fit one of bench/system/grid.
+system() {
+  versions
+  timeout "$(left 300)" python3 experiments/bench_system.py \
+    --agents=ald,transformer --seconds_per_agent=60 --alone_calls=2000 \
+    --learner_memory=cached --out="$OUT/bench_system_cached.json" \
+    > /dev/null 2> "$OUT/bench_system_cached.err"
+  echo "bench_system cached rc=$? at $(( $(date +%s) - START )) s"
+  timeout "$(left 150)" python3 experiments/bench_system.py \
+    --agents=ald --seconds_per_agent=60 --alone_calls=2000 \
+    --learner_memory=recompute --out="$OUT/bench_system_recompute.json" \
+    > /dev/null 2> "$OUT/bench_system_recompute.err"
+  echo "bench_system recompute rc=$? at $(( $(date +%s) - START )) s"
+  grep -h '^{' "$OUT"/*.err | cut -c1-300
 }
 
 # One grid slot: runs its jobs one after another on cores $1,$1+1.
