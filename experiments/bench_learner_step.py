@@ -101,11 +101,15 @@ def measure_learner(num_steps: int, obs_shape, num_actions) -> dict:
   }
 
 
+def _echo(figures: dict) -> None:
+  """Figures to stderr at once, so a run cut short by a time limit (a lent
+  GPU's budget) still leaves what it measured."""
+  print(json.dumps(figures, default=str), file=sys.stderr, flush=True)
+
+
 def _put(out: dict, key: str, value) -> None:
-  """Stores one figure and echoes it to stderr at once, so a run cut short by
-  a time limit (a lent GPU's budget) still leaves what it measured."""
   out[key] = value
-  print(json.dumps({key: value}), file=sys.stderr, flush=True)
+  _echo({key: value})
 
 
 def _timed(fn, num_steps):
@@ -303,9 +307,9 @@ def main(argv):
       result["lstm_b1_p50_us"] / result["dispatch_floor_us"], 2)
   result["gtrxl_over_lstm_b1"] = round(
       result["gtrxl_b1_p50_us"] / result["lstm_b1_p50_us"], 1)
-  print(json.dumps(result), file=sys.stderr, flush=True)
+  _echo(result)
   learner = measure_learner(args.learner_steps, obs_shape, num_actions)
-  print(json.dumps(learner), file=sys.stderr, flush=True)
+  _echo(learner)
   result.update(learner)
   result.update(measure_memory_and_replay(args.learner_steps, obs_shape,
                                           num_actions))
