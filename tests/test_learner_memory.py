@@ -99,6 +99,38 @@ def test_warm_train_step_compiles_once_per_variant():
   assert learner.train_step._cache_size() == 2
 
 
+def test_driver_compiles_every_variant_with_the_first_batch():
+  """The warm and distill-only steps compile beside the cold one, with the
+  first batch: no later step compiles (each used to stall the loop)."""
+  cfg = memory_config()
+  learner = learner_lib.make_learner(cfg, (OBS_DIM,), NUM_ACTIONS)
+  train_cfg = config_lib.TrainConfig(
+      learner=cfg, num_actors=1, envs_per_actor=2,
+      distill_steps_per_rl_step=1.0, replay_capacity=4)
+  driver = learner_driver.LearnerDriver(
+      learner, train_cfg, jax.devices()[0],
+      learner.init(jax.random.PRNGKey(0), stream_rows(2, 0)))
+  compiles = []
+
+  def count(event, duration_s, **kwargs):
+    del duration_s, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(count)
+  try:
+    first = driver.train(stream_rows(2, 0))
+    assert not first.warm and first.distill_steps == 1
+    assert driver.compiled_variants and compiles
+    compiled_at_first = len(compiles)
+    for k in range(1, 4):
+      result = driver.train(stream_rows(2, k, seed=k))
+      assert result.warm and result.applied and result.distill_steps == 1
+    assert len(compiles) == compiled_at_first
+  finally:
+    jax.monitoring.unregister_event_duration_listener(count)
+
+
 def test_memory_book_takes_the_cold_path_on_gaps_restarts_and_resume():
   book = learner_driver.StreamMemoryBook(4)
   ids = np.array([0, 1])
