@@ -296,6 +296,15 @@ class LearnerConfig:
 
 
 
+# Distill-only steps per RL step for "ald", chosen by measurement (3 seeds
+# each, small sizes, this 2-core CPU): 4 instead of 1 took fewer env steps to
+# threshold on every task measured: I-Maze N=12 median 255k vs 324k
+# (imaze12_knobs_ratio4_2026-11-26_cpu2_summary.json), Meta-Fetch 3x3 1.22M vs
+# never on 2 of 3 seeds (metafetch3_ratio4_...), Cue Recall span 32 163k vs
+# 199k, span 64 250k vs 265k (ablation_distill_ratio*_...). The extra LSTM
+# steps cost wall-clock where the learner is the bottleneck (CPU).
+ALD_DISTILL_STEPS = 4.0
+
 T_ACTOR_POLICIES = ("refuse", "warn")
 ACTOR_MODES = ("threads", "processes")
 NONFINITE_OBS_POLICIES = ("error", "mask")
@@ -310,8 +319,8 @@ class TrainConfig:
   num_actors: int = 2
   envs_per_actor: int = 8
   total_env_steps: int = 500_000   # default I-Maze: >= 90% success by ~150k
-  # Distill-only steps per combined step (float; None: 1.0 for "ald", the only
-  # agent with a separate actor, and 0 for the others).
+  # Distill-only steps per combined step (float; None: ALD_DISTILL_STEPS for
+  # "ald", the only agent with a separate actor, and 0 for the others).
   distill_steps_per_rl_step: float | None = None
   replay_capacity: int = 256          # unroll rows kept for distill-only steps
   queue_capacity: int = 8             # unrolls in flight between actors and learner
@@ -367,7 +376,8 @@ class TrainConfig:
     _positive_int(self.total_env_steps, "total_env_steps")
     if self.distill_steps_per_rl_step is None:
       object.__setattr__(self, "distill_steps_per_rl_step",
-                         1.0 if self.learner.agent == "ald" else 0.0)
+                         ALD_DISTILL_STEPS if self.learner.agent == "ald"
+                         else 0.0)
     _non_negative(self.distill_steps_per_rl_step, "distill_steps_per_rl_step")
     _require(isinstance(self.resume_allow_change, tuple) and all(
         isinstance(name, str) and name for name in self.resume_allow_change),

@@ -125,7 +125,7 @@ FLAG_TABLE = (
           "Stop after this many environment steps."),
     _Flag("distill_steps_per_rl_step", "distill_steps_per_rl_step", "float",
           "Extra distill-only actor steps per RL step (0, 0.5, 1, 4, ...); "
-          "default 1 for ald, 0 otherwise."),
+          "default 4 for ald, 0 otherwise."),
     _Flag("replay_capacity", "replay_capacity", "int",
           "Unroll rows kept for distill-only steps."),
     _Flag("queue_capacity", "queue_capacity", "int",

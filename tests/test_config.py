@@ -93,7 +93,7 @@ def test_unlimited_values_stay_allowed():
                                   batch_size=np.int64(4)).batch_size == 4
 
 
-@pytest.mark.parametrize("agent, ratio", [("ald", 1.0), ("lstm", 0.0),
+@pytest.mark.parametrize("agent, ratio", [("ald", 4.0), ("lstm", 0.0),
                                           ("transformer", 0.0),
                                           ("asymmetric", 0.0)])
 def test_config_owns_the_distill_ratio_default(agent, ratio):

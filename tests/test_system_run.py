@@ -139,7 +139,9 @@ def learning_config(logdir) -> config_lib.TrainConfig:
                env_kwargs=(("corridor_length", 4),),
                # The default evaluation, as in the runs that measured the
                # budget (and as a user's run has it).
-               eval_interval_s=config_lib.TrainConfig().eval_interval_s),
+               eval_interval_s=config_lib.TrainConfig().eval_interval_s,
+               # The library's distill-only steps per RL step for ald.
+               distill_steps_per_rl_step=None),
       learner=config_lib.LearnerConfig(
           agent="ald", unroll_length=16, learner_context=16, batch_size=16,
           torso=config_lib.TorsoConfig(mlp_sizes=(64,)),
