@@ -129,6 +129,36 @@ def test_failed_distill_only_steps_are_counted():
   assert driver.counters().distill_nonfinite_total == 2
 
 
+def test_all_steps_of_a_batch_are_queued_before_any_result_is_read():
+  # Reading a step's result makes the host wait for that step; the driver
+  # queues the combined step and its distill-only steps first.
+  log = []
+
+  class Flag:
+    def __float__(self):
+      log.append("read")
+      return 0.0
+
+  def train_step(state, memory, replay, batch, warm):
+    del batch, warm
+    log.append("train")
+    return state, memory, replay, {"nonfinite": Flag()}
+
+  def replay_distill_step(state, replay):
+    del replay
+    log.append("distill")
+    return state, {"nonfinite": Flag()}
+
+  learner = fake_learner()[0]._replace(train_step=train_step,
+                                       replay_distill_step=replay_distill_step)
+  driver = driver_lib.LearnerDriver(
+      learner, train_config(distill_steps_per_rl_step=4.0), jax.devices()[0],
+      initial_state())
+  result = driver.train(unroll([0, 1], [0, 0]))
+  assert log == ["train"] + ["distill"] * 4 + ["read"] * 5
+  assert result.applied and result.distill_steps == 4
+
+
 def test_cached_memory_goes_warm_after_each_streams_previous_unroll():
   learner, calls = fake_learner(uses_memory=True)
   driver = driver_lib.LearnerDriver(

@@ -196,8 +196,17 @@ class LearnerDriver:
         self._learner.train_step(self._state, self._memory, self._replay,
                                  placed, warm=warm))
     self._counts["warm_steps" if warm else "cold_steps"] += 1
-    # One scalar per step; the rest is fetched at report time.
-    applied = float(metrics["nonfinite"]) == 0
+    # Dispatch the distill-only steps before reading any result: a float()
+    # per step would make the host wait for each one before queueing the
+    # next. One device_get below reads every step's non-finite flag.
+    distill_metrics = []
+    for _ in range(self._schedule.steps_due()):
+      self._state, step_metrics = self._learner.replay_distill_step(
+          self._state, self._replay)
+      distill_metrics.append(step_metrics)
+    nonfinite, *distill_nonfinite = jax.device_get(
+        [metrics["nonfinite"]] + [m["nonfinite"] for m in distill_metrics])
+    applied = float(nonfinite) == 0
     if applied:
       self._consecutive_nonfinite = 0
       self._counts["learner_steps"] += 1
@@ -216,12 +225,10 @@ class LearnerDriver:
             f"{cfg.max_consecutive_nonfinite}); last metrics: "
             f"{ {k: float(v) for k, v in metrics.items()} }")
     distilled = skipped = 0
-    for _ in range(self._schedule.steps_due()):
-      self._state, distill_metrics = self._learner.replay_distill_step(
-          self._state, self._replay)
-      if float(distill_metrics["nonfinite"]) == 0:
+    for step_metrics, flag in zip(distill_metrics, distill_nonfinite):
+      if float(flag) == 0:
         distilled += 1
-        self._last_distill_metrics = distill_metrics
+        self._last_distill_metrics = step_metrics
       else:
         skipped += 1
     self._counts["distill_steps"] += distilled
