@@ -3,6 +3,7 @@ causality, stop-gradient memory, relative positions."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from ald_jax.config import GTrXLConfig
 from ald_jax.networks import gtrxl as gtrxl_lib
@@ -61,6 +62,32 @@ def test_attention_mask_hand_computed():
   np.testing.assert_array_equal(mask, expected)
 
 
+@pytest.mark.parametrize("length,num_keys,memory_length", [
+    (16, 48, 32), (48, 48, 32), (5, 5, 32), (7, 7, 3), (1, 33, 32)])
+def test_relative_shift_matches_a_gather_by_distance(length, num_keys,
+                                                     memory_length):
+  # Every unmasked (query, key) pair reads the score of its own distance.
+  num_distances = min(num_keys - 1, memory_length) + 1
+  scores = np.random.default_rng(0).normal(
+      size=(2, 3, length, num_distances)).astype(np.float32)
+  shifted = np.asarray(gtrxl_lib.relative_shift(jnp.asarray(scores),
+                                                num_keys))
+  distance = gtrxl_lib.relative_offsets(length, num_keys)
+  in_window = (distance >= 0) & (distance < num_distances)
+  expected = np.take_along_axis(
+      scores, np.broadcast_to(np.clip(distance, 0, num_distances - 1),
+                              (2, 3, length, num_keys)), axis=-1)
+  assert shifted.shape == (2, 3, length, num_keys)
+  np.testing.assert_array_equal(shifted[..., in_window],
+                                expected[..., in_window])
+  assert np.isfinite(shifted).all()
+
+
+def test_relative_shift_rejects_distances_that_do_not_fit():
+  with pytest.raises(ValueError, match="do not fit"):
+    gtrxl_lib.relative_shift(jnp.zeros((4, 40)), 8)
+
+
 def test_sinusoid_embedding_values():
   emb = np.asarray(gtrxl_lib.sinusoid_embedding(np.array([0, 3]), 4))
   # dim 4: frequencies 1 and 1/100.
@@ -87,8 +114,7 @@ def block_relative_changes(gate_biases) -> list[float]:
   batch, length, d = 4, 12, 32
   x = jax.random.normal(jax.random.PRNGKey(3), (batch, length, d))
   mask = gtrxl_lib.attention_mask(np.full((batch, length), MID), 8)
-  positions = np.arange(length)
-  rel = np.clip(positions[:, None] - positions[None, :], 0, 8)
+  num_distances = 9   # distances 0..memory_length
   blocks = [gtrxl_lib.GTrXLBlock(GTrXLConfig(
       num_layers=1, d_model=d, num_heads=4, mlp_size=64, memory_length=8,
       gate_bias=bias)) for bias in gate_biases]
@@ -97,7 +123,8 @@ def block_relative_changes(gate_biases) -> list[float]:
   def changes(rng):
     out = []
     for block in blocks:
-      y = block.apply(block.init(rng, x, mask, rel), x, mask, rel)
+      y = block.apply(block.init(rng, x, mask, num_distances), x, mask,
+                      num_distances)
       out.append(jnp.linalg.norm(y - x) / jnp.linalg.norm(x))
     return out
 

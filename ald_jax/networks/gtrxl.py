@@ -135,6 +135,29 @@ def relative_offsets(num_queries: int, num_keys: int) -> np.ndarray:
   return queries[:, None] - np.arange(num_keys)[None, :]
 
 
+def relative_shift(by_distance: chex.Array, num_keys: int) -> chex.Array:
+  """[..., L, R] scores by distance -> [..., L, K] scores by key.
+
+  Query i is key position q_i = K - L + i; out[..., i, j] =
+  by_distance[..., i, q_i - j] wherever 0 <= q_i - j < R, and some other
+  finite entry of the input (or 0) elsewhere, which callers mask.
+  Reversed, row i needs columns shifted by i - s with s = R - 1 - (K - L):
+  padding rows to K + 1 and re-reading the flat array in rows of K shifts
+  row i by exactly i.
+  """
+  *lead, length, num_distances = by_distance.shape
+  offset = num_distances - 1 - (num_keys - length)
+  if not 0 <= offset <= length or num_distances > num_keys + 1:
+    raise ValueError(f"relative_shift: {num_distances} distances do not fit "
+                     f"{length} queries over {num_keys} keys")
+  padded = jnp.pad(by_distance[..., ::-1],
+                   [(0, 0)] * (len(lead) + 1)
+                   + [(0, num_keys + 1 - num_distances)])
+  flat = padded.reshape(*lead, length * (num_keys + 1))
+  return flat[..., offset:offset + length * num_keys].reshape(
+      *lead, length, num_keys)
+
+
 class RelativeMultiHeadAttention(nn.Module):
   """Transformer-XL multi-head attention with relative positions."""
   d_model: int
@@ -174,25 +197,39 @@ class RelativeMultiHeadAttention(nn.Module):
 
   def _scores_by_distance(self, q: chex.Array,
                           num_distances: int) -> chex.Array:
-    """q [..., H, hd] -> position scores [..., H, num_distances].
+    """Acting form: q [B, H, hd] -> position scores [B, H, num_distances].
 
     (q + v) . (W_R R_d) is computed as ((q + v) W_R^T) . R_d: the query is
-    projected back to embedding space. For one acting query this is far
-    cheaper than projecting all M + 1 embeddings; in the sequence form it
-    costs a few percent more than the usual order, and using the same
-    arithmetic in both forms keeps them numerically close.
+    projected back to embedding space, which for one query per row is far
+    cheaper than projecting all M + 1 embeddings.
     """
-    query_rel = jnp.einsum("...hd,hde->...he", q + self.position_bias,
+    query_rel = jnp.einsum("bhd,hde->bhe", q + self.position_bias,
                            self.position_kernel)
     rel = sinusoid_embedding(np.arange(num_distances), self.d_model)
-    return jnp.einsum("...he,re->...hr", query_rel, rel)
+    return jnp.einsum("bhe,re->bhr", query_rel, rel)
 
-  def __call__(self, x: chex.Array, mask: chex.Array,
-               relative_index: np.ndarray,
+  def _sequence_position_scores(self, q: chex.Array, num_keys: int,
+                                num_distances: int) -> chex.Array:
+    """q [B, L, H, hd] (the last L of num_keys keys) -> [B, H, L, num_keys].
+
+    Entry (i, j) is (q_i + v) . (W_R R_d) at distance d = i - j, for
+    0 <= d < num_distances; elsewhere it is a finite value the mask hides.
+    The R embeddings are projected once (with many queries that is the
+    cheap order) and the [.., L, R] scores by distance are skewed into key
+    order with a pad and two reshapes (Transformer-XL's shift): exact, and
+    its gradient is the same data movement, not a scatter or a matmul.
+    """
+    rel = sinusoid_embedding(np.arange(num_distances), self.d_model)
+    rel_keys = jnp.einsum("re,hde->rhd", rel, self.position_kernel)
+    by_distance = jnp.einsum("blhd,rhd->bhlr", q + self.position_bias,
+                             rel_keys)
+    return relative_shift(by_distance, num_keys)
+
+  def __call__(self, x: chex.Array, mask: chex.Array, num_distances: int,
                memory: chex.Array | None = None) -> chex.Array:
     """x [B, L, d] queries; memory [B, M, d] extra keys before them or None.
 
-    mask [B, L, M + L], relative_index [L, M + L] = clip(i - j).
+    mask [B, L, M + L]; distances i - j >= num_distances must be masked.
     """
     if memory is None:
       q, k, v = self._qkv(x)
@@ -205,13 +242,7 @@ class RelativeMultiHeadAttention(nn.Module):
           *keys_in.shape[:-1], 2, *head_shape)
       k, v = kv[..., 0, :, :], kv[..., 1, :, :]
     content = jnp.einsum("blhd,bmhd->bhlm", q + self.content_bias, k)
-    num_distances = int(relative_index.max()) + 1
-    by_distance = self._scores_by_distance(q, num_distances)  # [B, L, H, R]
-    # Pick score[i, i - j] with a constant one-hot contraction instead of a
-    # gather: exact in float32, and its gradient is a matmul rather than a
-    # scatter-add, which made the learner step ~7x slower on CPU.
-    one_hot = np.eye(num_distances, dtype=np.float32)[relative_index]
-    position = jnp.einsum("blhr,lmr->bhlm", by_distance, one_hot)
+    position = self._sequence_position_scores(q, k.shape[1], num_distances)
     weights = self._attend(content + position, mask[:, None])
     out = jnp.einsum("bhlm,bmhd->blhd", weights, v)
     return out.reshape(x.shape) @ self.out_kernel
@@ -285,12 +316,11 @@ class GTrXLBlock(nn.Module):
     y = self.mlp_out(nn.relu(self.mlp_hidden(self.mlp_norm(x))))
     return self.mlp_gate(x, nn.relu(y))
 
-  def __call__(self, x: chex.Array, mask: chex.Array,
-               relative_index: np.ndarray,
+  def __call__(self, x: chex.Array, mask: chex.Array, num_distances: int,
                memory: chex.Array | None = None) -> chex.Array:
     """Sequence form: x [B, L, d] (+ memory inputs [B, M, d]) -> [B, L, d]."""
     normed_memory = None if memory is None else self.attention_norm(memory)
-    y = self.attention(self.attention_norm(x), mask, relative_index,
+    y = self.attention(self.attention_norm(x), mask, num_distances,
                        normed_memory)
     x = self.attention_gate(x, nn.relu(y))
     return self._mlp_submodule(x)
@@ -357,9 +387,8 @@ class GTrXL(nn.Module):
           memory_length, num_queries=length,
           key_valid=jnp.concatenate(
               [memory.valid, jnp.ones((batch_size, length), bool)], axis=1))
-    # Distances past memory_length are masked out; clip to keep the table short.
-    relative_index = np.clip(relative_offsets(length, num_keys), 0,
-                             min(num_keys - 1, memory_length))
+    # Distances past memory_length are masked out: no embeddings for them.
+    num_distances = min(num_keys - 1, memory_length) + 1
     is_memory = jnp.asarray(np.arange(length) < num_memory_steps)[None, :, None]
     h = self.input_projection(x)
     layer_inputs = []
@@ -368,7 +397,7 @@ class GTrXL(nn.Module):
       layer_inputs.append(h)
       layer_memory = (None if memory is None else
                       jax.lax.stop_gradient(memory.inputs[:, layer]))
-      h = block(h, mask, relative_index, layer_memory)
+      h = block(h, mask, num_distances, layer_memory)
     out = self._finish(h)
     if return_layer_inputs:
       return out, jnp.stack(layer_inputs, axis=1)
