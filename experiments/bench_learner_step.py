@@ -12,6 +12,10 @@ Prints one JSON object, all measured in this run:
                                          memory) vs cold (context re-read)
   distill_step_ms_stored / _recompute    a distill-only step from the device
                                          replay, stored vs recomputed teacher
+  transformer_learner_frames_per_s_cached / _recompute   the same for the
+                                         `transformer` agent (no LSTM actor
+                                         to distil, whose cost over the
+                                         C+T+1 row is the same warm or cold)
 
 With --shape=large (the shape of a public Flax gated Transformer-XL we compare
 with: 4 layers, d=256, 8 heads, mlp 256, M=64, T=64, B=16, vector
@@ -123,56 +127,78 @@ def _timed(fn, num_steps):
   return float(np.median(times))
 
 
-def measure_memory_and_replay(num_steps: int, obs_shape, num_actions,
-                              config=None) -> dict:
-  """Warm vs cold combined steps and stored vs recomputed distill steps."""
-  config = config or config_lib.LearnerConfig()
-  out = {}
-  rng = np.random.default_rng(0)
-  device = jax.devices()[0]
-  for teacher in ("stored", "recompute"):
-    cfg = dataclasses.replace(config, distill=dataclasses.replace(
-        config.distill, teacher=teacher))
-    learner = learner_lib.make_learner(cfg, obs_shape, num_actions)
-    b = cfg.batch_size
-    batch = learner.example_batch(b)
+class _LearnerBench:
+  """One learner on a fixed random batch whose rows are streams 0..B-1, with
+  its state, segment memory and replay carried from call to call."""
+
+  def __init__(self, config: config_lib.LearnerConfig, obs_shape,
+               num_actions):
+    self.config = config
+    self.learner = learner_lib.make_learner(config, obs_shape, num_actions)
+    b = config.batch_size
+    rng = np.random.default_rng(0)
+    batch = self.learner.example_batch(b)
     batch = batch.replace(
         observation=rng.normal(size=batch.observation.shape).astype(
             np.float32),
         reward=rng.normal(size=batch.reward.shape).astype(np.float32),
         stream_id=np.arange(b, dtype=np.int32),
         unroll_index=np.zeros(b, np.int32))
-    batch = jax.device_put(batch, device)
-    holder = {"state": learner.init(jax.random.PRNGKey(0), batch),
-              "memory": learner.init_memory(b),
-              "replay": learner.init_replay(max(256, b))}
+    self.batch = jax.device_put(batch, jax.devices()[0])
+    self.state = self.learner.init(jax.random.PRNGKey(0), self.batch)
+    self.memory = self.learner.init_memory(b)
+    self.replay = (self.learner.init_replay(max(256, b))
+                   if self.learner.spec.distills else None)
 
-    def combined(warm):
-      def run():
-        (holder["state"], holder["memory"], holder["replay"],
-         metrics) = learner.train_step(holder["state"], holder["memory"],
-                                       holder["replay"], batch, warm=warm)
-        return metrics
-      return run
-
-    def distill():
-      holder["state"], metrics = learner.replay_distill_step(
-          holder["state"], holder["replay"])
+  def combined(self, warm: bool):
+    def run():
+      (self.state, self.memory, self.replay,
+       metrics) = self.learner.train_step(self.state, self.memory,
+                                          self.replay, self.batch, warm=warm)
       return metrics
+    return run
 
+  def distill(self):
+    self.state, metrics = self.learner.replay_distill_step(self.state,
+                                                           self.replay)
+    return metrics
+
+  def frames_per_s(self, warm: bool, num_steps: int) -> float:
+    frames = self.config.batch_size * self.config.unroll_length
+    return round(frames / _timed(self.combined(warm), num_steps), 1)
+
+
+def measure_memory_and_replay(num_steps: int, obs_shape, num_actions,
+                              config=None) -> dict:
+  """Warm vs cold combined steps and stored vs recomputed distill steps.
+
+  Also the same warm/cold pair for the `transformer` agent (the GTrXL
+  learner without the LSTM actor's distillation, whose cost over the C+T+1
+  row is the same warm or cold)."""
+  config = config or config_lib.LearnerConfig()
+  out = {}
+  for teacher in ("stored", "recompute"):
+    bench = _LearnerBench(dataclasses.replace(config, distill=dataclasses.replace(
+        config.distill, teacher=teacher)), obs_shape, num_actions)
     if teacher == "stored":
-      frames = b * cfg.unroll_length
-      _put(out, "learner_frames_per_s_recompute", round(
-          frames / _timed(combined(False), num_steps), 1))
-      _put(out, "learner_frames_per_s_cached", round(
-          frames / _timed(combined(True), num_steps), 1))
+      for name, warm in (("recompute", False), ("cached", True)):
+        _put(out, f"learner_frames_per_s_{name}",
+             bench.frames_per_s(warm, num_steps))
       out["cached_over_recompute"] = round(
           out["learner_frames_per_s_cached"] /
           out["learner_frames_per_s_recompute"], 2)
     else:
-      combined(False)()   # fill the replay
+      bench.combined(False)()   # fill the replay
     _put(out, f"distill_step_ms_{teacher}", round(
-        _timed(distill, num_steps) * 1e3, 2))
+        _timed(bench.distill, num_steps) * 1e3, 2))
+  bench = _LearnerBench(dataclasses.replace(config, agent="transformer"),
+                        obs_shape, num_actions)
+  for name, warm in (("recompute", False), ("cached", True)):
+    _put(out, f"transformer_learner_frames_per_s_{name}",
+         bench.frames_per_s(warm, num_steps))
+  out["transformer_cached_over_recompute"] = round(
+      out["transformer_learner_frames_per_s_cached"] /
+      out["transformer_learner_frames_per_s_recompute"], 2)
   return out
 
 
