@@ -144,10 +144,16 @@ class _LearnerBench:
         reward=rng.normal(size=batch.reward.shape).astype(np.float32),
         stream_id=np.arange(b, dtype=np.int32),
         unroll_index=np.zeros(b, np.int32))
-    self.batch = jax.device_put(batch, jax.devices()[0])
-    self.state = self.learner.init(jax.random.PRNGKey(0), self.batch)
-    self.memory = self.learner.init_memory(b)
-    self.replay = (self.learner.init_replay(max(256, b))
+    # Everything placed on the device as `LearnerDriver` does: committed
+    # inputs, so the steps' outputs (committed) keep the compiled signature
+    # and no timed call retraces.
+    device = jax.devices()[0]
+    self.batch = jax.device_put(batch, device)
+    self.state = jax.device_put(
+        self.learner.init(jax.random.PRNGKey(0), self.batch), device)
+    self.memory = jax.device_put(self.learner.init_memory(b), device)
+    self.replay = (jax.device_put(self.learner.init_replay(max(256, b)),
+                                  device)
                    if self.learner.spec.distills else None)
 
   def combined(self, warm: bool):
@@ -168,6 +174,17 @@ class _LearnerBench:
     return round(frames / _timed(self.combined(warm), num_steps), 1)
 
 
+def _put_warm_cold_pair(out: dict, prefix: str, bench: _LearnerBench,
+                        num_steps: int) -> None:
+  """`{prefix}learner_frames_per_s_{recompute,cached}` and their ratio."""
+  for name, warm in (("recompute", False), ("cached", True)):
+    _put(out, f"{prefix}learner_frames_per_s_{name}",
+         bench.frames_per_s(warm, num_steps))
+  out[f"{prefix}cached_over_recompute"] = round(
+      out[f"{prefix}learner_frames_per_s_cached"] /
+      out[f"{prefix}learner_frames_per_s_recompute"], 2)
+
+
 def measure_memory_and_replay(num_steps: int, obs_shape, num_actions,
                               config=None) -> dict:
   """Warm vs cold combined steps and stored vs recomputed distill steps.
@@ -181,24 +198,14 @@ def measure_memory_and_replay(num_steps: int, obs_shape, num_actions,
     bench = _LearnerBench(dataclasses.replace(config, distill=dataclasses.replace(
         config.distill, teacher=teacher)), obs_shape, num_actions)
     if teacher == "stored":
-      for name, warm in (("recompute", False), ("cached", True)):
-        _put(out, f"learner_frames_per_s_{name}",
-             bench.frames_per_s(warm, num_steps))
-      out["cached_over_recompute"] = round(
-          out["learner_frames_per_s_cached"] /
-          out["learner_frames_per_s_recompute"], 2)
+      _put_warm_cold_pair(out, "", bench, num_steps)
     else:
       bench.combined(False)()   # fill the replay
     _put(out, f"distill_step_ms_{teacher}", round(
         _timed(bench.distill, num_steps) * 1e3, 2))
   bench = _LearnerBench(dataclasses.replace(config, agent="transformer"),
                         obs_shape, num_actions)
-  for name, warm in (("recompute", False), ("cached", True)):
-    _put(out, f"transformer_learner_frames_per_s_{name}",
-         bench.frames_per_s(warm, num_steps))
-  out["transformer_cached_over_recompute"] = round(
-      out["transformer_learner_frames_per_s_cached"] /
-      out["transformer_learner_frames_per_s_recompute"], 2)
+  _put_warm_cold_pair(out, "transformer_", bench, num_steps)
   return out
 
 

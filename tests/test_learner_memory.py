@@ -126,6 +126,10 @@ def test_driver_compiles_every_variant_with_the_first_batch():
     for k in range(1, 4):
       result = driver.train(stream_rows(2, k, seed=k))
       assert result.warm and result.applied and result.distill_steps == 1
+    # A gap (unrolls 4-5 lost) takes the cold path again, then warm again:
+    # the states the steps returned must not change the compiled signature.
+    for k, warm in ((6, False), (7, True), (9, False), (10, True)):
+      assert driver.train(stream_rows(2, k, seed=k)).warm == warm
     assert len(compiles) == compiled_at_first
   finally:
     jax.monitoring.unregister_event_duration_listener(count)
