@@ -16,8 +16,9 @@ number of episode boundaries.
 
 Training runs the sequence through `lstm_sequence`, whose gradient is written
 by hand (the recurrent kernel's gradient as one matmul after the backward
-loop, not one accumulation per step): 1.4-1.5x faster LSTM training steps on
-CPU, the same gradients as autodiff (tested).
+loop, not one accumulation per step): LSTM training 1.45x faster on CPU
+(experiments/results/bench_learner_step_ab_lstm_2026-11-27_cpu2.md), the same
+gradients as autodiff (tested).
 """
 from __future__ import annotations
 
@@ -49,12 +50,17 @@ def reset_state(state: LSTMState, step_type: chex.Array) -> LSTMState:
       lambda s: jnp.where(first, jnp.zeros_like(s), s), state)
 
 
+def _gate_activations(gates: chex.Array):
+  """Pre-activations [B, 4H] -> input, forget, candidate, output gates."""
+  i, f, g, o = jnp.split(gates, 4, axis=-1)
+  return jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+
+
 def _gates_to_state(gates: chex.Array, state: LSTMState) -> LSTMState:
   """Applies the LSTM nonlinearities to pre-activations [B, 4H]."""
-  i, f, g, o = jnp.split(gates, 4, axis=-1)
-  cell = jax.nn.sigmoid(f) * state.cell + jax.nn.sigmoid(i) * jnp.tanh(g)
-  hidden = jax.nn.sigmoid(o) * jnp.tanh(cell)
-  return LSTMState(cell=cell, hidden=hidden)
+  i, f, g, o = _gate_activations(gates)
+  cell = f * state.cell + i * g
+  return LSTMState(cell=cell, hidden=o * jnp.tanh(cell))
 
 
 def fused_lstm_step(kernel: chex.Array, bias: chex.Array, x: chex.Array,
@@ -66,26 +72,24 @@ def fused_lstm_step(kernel: chex.Array, bias: chex.Array, x: chex.Array,
 
 def _sequence_forward(recurrent_kernel, input_gates, keep, cell, hidden,
                       save: bool):
-  """The recurrence over T steps; with `save`, also what the backward pass
-  needs (a scan's unused outputs are not pruned, so only then)."""
+  """The recurrence over T steps -> (hidden [T, B, H], final cell, saved);
+  with `save`, `saved` holds what the backward pass needs (a scan's unused
+  outputs are not pruned, so only then)."""
   def scan_step(carry, inputs):
     cell, hidden = carry
     gates_x, keep_t = inputs
     # Episode start: multiply by 0 (keep) = `reset_state`, as a product so
     # its derivative is the same product.
     cell_in, hidden_in = cell * keep_t, hidden * keep_t
-    pre = gates_x + hidden_in @ recurrent_kernel
-    i, f, g, o = jnp.split(pre, 4, axis=-1)
-    i, f, g, o = (jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g),
-                  jax.nn.sigmoid(o))
+    i, f, g, o = _gate_activations(gates_x + hidden_in @ recurrent_kernel)
     cell = f * cell_in + i * g
     tanh_cell = jnp.tanh(cell)
     hidden = o * tanh_cell
     saved = (cell_in, hidden_in, i, f, g, o, tanh_cell) if save else ()
-    return (cell, hidden), (hidden, cell, saved)
-  _, (hidden, cell, saved) = jax.lax.scan(scan_step, (cell, hidden),
-                                          (input_gates, keep))
-  return hidden, cell, saved
+    return (cell, hidden), (hidden, saved)
+  (cell, _), (hidden_seq, saved) = jax.lax.scan(
+      scan_step, (cell, hidden), (input_gates, keep))
+  return hidden_seq, cell, saved
 
 
 @jax.custom_vjp
@@ -94,7 +98,7 @@ def lstm_sequence(recurrent_kernel: chex.Array, input_gates: chex.Array,
                   ) -> tuple[chex.Array, chex.Array]:
   """The LSTM recurrence, time-major: input_gates [T, B, 4H] (x W_x + b),
   keep [T, B, 1] (0 where the step starts an episode), initial cell/hidden
-  [B, H] -> (hidden [T, B, H], cell [T, B, H]).
+  [B, H] -> (hidden [T, B, H], final cell [B, H]).
 
   Its gradient is written by hand for one reason: autodiff of a scan adds
   each step's recurrent-kernel gradient h_{t-1}^T dpre_t inside the backward
@@ -103,27 +107,26 @@ def lstm_sequence(recurrent_kernel: chex.Array, input_gates: chex.Array,
   [H, T*B] x [T*B, 4H] matmul after it. Checked against autodiff in
   tests/test_networks_lstm.py.
   """
-  hidden_seq, cell_seq, _ = _sequence_forward(recurrent_kernel, input_gates,
-                                              keep, cell, hidden, save=False)
-  return hidden_seq, cell_seq
+  hidden_seq, final_cell, _ = _sequence_forward(
+      recurrent_kernel, input_gates, keep, cell, hidden, save=False)
+  return hidden_seq, final_cell
 
 
 def _lstm_sequence_fwd(recurrent_kernel, input_gates, keep, cell, hidden):
-  hidden_seq, cell_seq, saved = _sequence_forward(
+  hidden_seq, final_cell, saved = _sequence_forward(
       recurrent_kernel, input_gates, keep, cell, hidden, save=True)
-  return (hidden_seq, cell_seq), (recurrent_kernel, keep, saved)
+  return (hidden_seq, final_cell), (recurrent_kernel, keep, saved)
 
 
 def _lstm_sequence_bwd(residuals, cotangents):
   recurrent_kernel, keep, saved = residuals
-  d_hidden_seq, d_cell_seq = cotangents
+  d_hidden_seq, d_final_cell = cotangents
 
   def scan_step(carry, inputs):
     d_cell, d_hidden = carry     # from step t + 1 (through its inputs)
-    (d_hidden_out, d_cell_out, keep_t,
-     (cell_in, _, i, f, g, o, tanh_cell)) = inputs
+    d_hidden_out, keep_t, (cell_in, _, i, f, g, o, tanh_cell) = inputs
     d_hidden = d_hidden + d_hidden_out
-    d_cell = d_cell + d_cell_out + d_hidden * o * (1.0 - tanh_cell ** 2)
+    d_cell = d_cell + d_hidden * o * (1.0 - tanh_cell ** 2)
     d_pre = jnp.concatenate([
         d_cell * g * i * (1.0 - i),
         d_cell * cell_in * f * (1.0 - f),
@@ -132,11 +135,9 @@ def _lstm_sequence_bwd(residuals, cotangents):
     d_hidden_in = d_pre @ recurrent_kernel.T
     return (d_cell * f * keep_t, d_hidden_in * keep_t), d_pre
 
-  batch, hidden_size = d_hidden_seq.shape[1:]
-  zeros = jnp.zeros((batch, hidden_size), d_hidden_seq.dtype)
   (d_cell, d_hidden), d_pre = jax.lax.scan(
-      scan_step, (zeros, zeros), (d_hidden_seq, d_cell_seq, keep, saved),
-      reverse=True)
+      scan_step, (d_final_cell, jnp.zeros_like(d_final_cell)),
+      (d_hidden_seq, keep, saved), reverse=True)
   hidden_in = saved[1]
   d_kernel = jnp.einsum("tbh,tbg->hg", hidden_in, d_pre)
   return d_kernel, d_pre, jnp.zeros_like(keep), d_cell, d_hidden
@@ -219,7 +220,7 @@ class LSTMCore(nn.Module):
         kernel[input_size:], jnp.swapaxes(input_gates, 0, 1),
         jnp.swapaxes(keep, 0, 1)[..., None], state.cell, state.hidden)
     return (jnp.swapaxes(hidden, 0, 1),
-            LSTMState(cell=cell[-1], hidden=hidden[-1]))
+            LSTMState(cell=cell, hidden=hidden[-1]))
 
   def step(self, x: chex.Array, step_type: chex.Array,
            state: LSTMState) -> tuple[chex.Array, LSTMState]:
