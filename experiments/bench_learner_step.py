@@ -12,6 +12,8 @@ Prints one JSON object, all measured in this run:
                                          memory) vs cold (context re-read)
   distill_step_ms_stored / _recompute    a distill-only step from the device
                                          replay, stored vs recomputed teacher
+  lstm_train_ms, lstm_agent_step_ms[_actor_context0]   the LSTM's training
+                                         cost (also alone: --only=lstm)
   transformer_learner_frames_per_s_cached / _recompute   the same for the
                                          `transformer` agent (no LSTM actor
                                          to distil, whose cost over the
@@ -31,6 +33,7 @@ observations of 36), acting is skipped and it prints instead:
 
     python experiments/bench_learner_step.py [--iters 3000] [--learner_steps 20]
     python experiments/bench_learner_step.py --shape=large
+    python experiments/bench_learner_step.py --only=lstm
 """
 import argparse
 import dataclasses
@@ -52,6 +55,7 @@ import optax  # pylint: disable=wrong-import-position
 from ald_jax import config as config_lib  # pylint: disable=wrong-import-position
 from ald_jax import learner as learner_lib  # pylint: disable=wrong-import-position
 from ald_jax.networks import gtrxl as gtrxl_lib  # pylint: disable=wrong-import-position
+from ald_jax.networks import lstm as lstm_lib  # pylint: disable=wrong-import-position
 from ald_jax.networks import policy_value  # pylint: disable=wrong-import-position
 from ald_jax.types import MID  # pylint: disable=wrong-import-position
 
@@ -209,6 +213,42 @@ def measure_memory_and_replay(num_steps: int, obs_shape, num_actions,
   return out
 
 
+def measure_lstm(num_steps: int, obs_shape, num_actions) -> dict:
+  """The LSTM's training cost at the default sizes.
+
+  lstm_train_ms: forward + backward of the LSTM core alone over the C+T+1
+  steps of a row (B rows, the torso's output as input), as in every ALD
+  step. lstm_agent_step_ms[_actor_context0]: the `lstm` agent's combined
+  step training through the whole row, or from the unroll only (the context
+  as burn-in without gradients).
+  """
+  config = config_lib.LearnerConfig()
+  b = config.batch_size
+  length = config.learner_context + config.unroll_length + 1
+  core = lstm_lib.LSTMCore(config.lstm.hidden_size, config.lstm.forget_bias)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(b, length, config.torso.mlp_sizes[-1])),
+                  jnp.float32)
+  step_type = jnp.full((b, length), MID, jnp.int32)
+  state = core.initial_state(b)
+  params = core.init(jax.random.PRNGKey(0), x, step_type, state)
+
+  def loss(params):
+    hidden, _ = core.apply(params, x, step_type, state)
+    return jnp.sum(hidden ** 2)
+
+  grad = jax.jit(jax.grad(loss))
+  out = {}
+  _put(out, "lstm_train_ms",
+       round(_timed(lambda: grad(params), num_steps) * 1e3, 2))
+  for suffix, actor_context in (("", None), ("_actor_context0", 0)):
+    bench = _LearnerBench(config_lib.LearnerConfig(
+        agent="lstm", actor_context=actor_context), obs_shape, num_actions)
+    _put(out, f"lstm_agent_step_ms{suffix}",
+         round(_timed(bench.combined(False), num_steps) * 1e3, 2))
+  return out
+
+
 def measure_gtrxl_alone(num_steps: int, config: config_lib.LearnerConfig,
                         obs_shape, num_actions) -> dict:
   """The GTrXL policy-value net alone: CE + squared value loss, Adam.
@@ -310,9 +350,17 @@ def main(argv):
   parser.add_argument("--core", type=int, default=None)
   parser.add_argument("--shape", choices=("default", "large"),
                       default="default")
+  parser.add_argument("--only", choices=("all", "lstm"), default="all",
+                      help="lstm: only the LSTM's training figures")
   args = parser.parse_args(argv)
   if args.shape == "large":
     print(json.dumps(main_large(args), indent=1, default=str))
+    return
+  if args.only == "lstm":
+    print(json.dumps({
+        **run_header(str(jax.devices()[0])),
+        **measure_lstm(args.learner_steps, bench_acting.DEFAULT_OBS_SHAPE, 4)},
+        indent=1, default=str))
     return
   bench_acting.configure_cpu_acting()   # before any other JAX work
   # Create JAX's CPU client (and XLA's worker pool) on this unpinned thread:
@@ -346,6 +394,7 @@ def main(argv):
   result.update(learner)
   result.update(measure_memory_and_replay(args.learner_steps, obs_shape,
                                           num_actions))
+  result.update(measure_lstm(args.learner_steps, obs_shape, num_actions))
   print(json.dumps(result, indent=1, default=str))
 
 
