@@ -112,7 +112,7 @@ class Learner(NamedTuple):
   Importable core: `init`, `step`, `distill_step`, `actor_params`,
   `actor_core`, `example_batch`. The system additionally uses segment memory
   (`init_memory`, `train_step`) and the device replay (`init_replay`,
-  `replay_distill_step`); `learner_core` acts with the learner's own policy
+  `replay_distill_steps`); `learner_core` acts with the learner's own policy
   (evaluation of the learner-actor gap).
   """
   config: config_lib.LearnerConfig
@@ -137,8 +137,8 @@ class Learner(NamedTuple):
   # (state, memory, replay, batch, warm) -> (state, memory, replay, metrics)
   train_step: Callable[..., tuple[LearnerState, Any, Replay, Metrics]]
   init_replay: Callable[[int], Replay]
-  replay_distill_step: Callable[[LearnerState, Replay],
-                                tuple[LearnerState, Metrics]]
+  # (state, replay, num_steps) -> (state, metrics stacked [num_steps])
+  replay_distill_steps: Callable[..., tuple[LearnerState, Metrics]]
   losses: Callable[..., tuple[Array, Metrics]]  # unjitted, for tests
 
 
@@ -572,6 +572,15 @@ def make_learner(config: config_lib.LearnerConfig,
     # The sampling key is consumed even when the update is skipped.
     return new_state.replace(rng=rng), metrics
 
+  def replay_distill_steps(state: LearnerState, replay: Replay,
+                           num_steps: int):
+    """`num_steps` replay distill-only updates in one call (a scan over
+    `replay_distill_step`): one dispatch of the state for all of them. Each
+    step is skipped on its own if non-finite; metrics are stacked
+    [num_steps]."""
+    return jax.lax.scan(lambda s, _: replay_distill_step(s, replay), state,
+                        None, length=num_steps)
+
   # ---- acting -----------------------------------------------------------------
 
   def policy_params(state: LearnerState) -> Params:
@@ -627,6 +636,8 @@ def make_learner(config: config_lib.LearnerConfig,
       train_step=jax.jit(train_step, static_argnames="warm",
                          donate_argnums=(0, 1, 2)),
       init_replay=init_replay,
-      replay_distill_step=jax.jit(replay_distill_step, donate_argnums=0),
+      replay_distill_steps=jax.jit(replay_distill_steps,
+                                   static_argnames="num_steps",
+                                   donate_argnums=0),
       losses=losses,
   )

@@ -12,6 +12,13 @@ Prints one JSON object, all measured in this run:
                                          memory) vs cold (context re-read)
   distill_step_ms_stored / _recompute    a distill-only step from the device
                                          replay, stored vs recomputed teacher
+  distill_call_ms_stored / _recompute    the k distill-only steps due per RL
+                                         step (k = the training default,
+                                         `distill_steps_per_call`) in one
+                                         call, as the driver runs them, vs
+  distill_separate_calls_ms_*            the same k steps one call each
+                                         (also alone: --only=distill; CPU
+                                         dispatch synchronous, as in a run)
   lstm_train_ms, lstm_agent_step_ms[_actor_context0]   the LSTM's training
                                          cost (also alone: --only=lstm)
   transformer_learner_frames_per_s_cached / _recompute   the same for the
@@ -34,6 +41,7 @@ observations of 36), acting is skipped and it prints instead:
     python experiments/bench_learner_step.py [--iters 3000] [--learner_steps 20]
     python experiments/bench_learner_step.py --shape=large
     python experiments/bench_learner_step.py --only=lstm
+    python experiments/bench_learner_step.py --only=distill
 """
 import argparse
 import dataclasses
@@ -168,10 +176,13 @@ class _LearnerBench:
       return metrics
     return run
 
-  def distill(self):
-    self.state, metrics = self.learner.replay_distill_step(self.state,
-                                                           self.replay)
+  def distill(self, num_steps: int = 1):
+    self.state, metrics = self.learner.replay_distill_steps(
+        self.state, self.replay, num_steps=num_steps)
     return metrics
+
+  def distill_separately(self, num_steps: int):
+    return [self.distill() for _ in range(num_steps)]
 
   def frames_per_s(self, warm: bool, num_steps: int) -> float:
     frames = self.config.batch_size * self.config.unroll_length
@@ -187,6 +198,23 @@ def _put_warm_cold_pair(out: dict, prefix: str, bench: _LearnerBench,
   out[f"{prefix}cached_over_recompute"] = round(
       out[f"{prefix}learner_frames_per_s_cached"] /
       out[f"{prefix}learner_frames_per_s_recompute"], 2)
+
+
+def measure_distill_calls(num_steps: int, obs_shape, num_actions,
+                          config=None) -> dict:
+  """The k distill-only steps due per RL step, one call vs k calls."""
+  config = config or config_lib.LearnerConfig()
+  k = int(config_lib.ALD_DISTILL_STEPS)
+  out = {"distill_steps_per_call": k}
+  for teacher in ("stored", "recompute"):
+    bench = _LearnerBench(dataclasses.replace(config, distill=dataclasses.replace(
+        config.distill, teacher=teacher)), obs_shape, num_actions)
+    bench.combined(False)()   # fill the replay
+    _put(out, f"distill_call_ms_{teacher}", round(
+        _timed(lambda: bench.distill(k), num_steps) * 1e3, 2))
+    _put(out, f"distill_separate_calls_ms_{teacher}", round(
+        _timed(lambda: bench.distill_separately(k), num_steps) * 1e3, 2))
+  return out
 
 
 def measure_memory_and_replay(num_steps: int, obs_shape, num_actions,
@@ -350,16 +378,24 @@ def main(argv):
   parser.add_argument("--core", type=int, default=None)
   parser.add_argument("--shape", choices=("default", "large"),
                       default="default")
-  parser.add_argument("--only", choices=("all", "lstm"), default="all",
-                      help="lstm: only the LSTM's training figures")
+  parser.add_argument("--only", choices=("all", "lstm", "distill"),
+                      default="all",
+                      help="lstm: only the LSTM's training figures; distill: "
+                      "only the distill-only calls (one vs k)")
   args = parser.parse_args(argv)
   if args.shape == "large":
     print(json.dumps(main_large(args), indent=1, default=str))
     return
-  if args.only == "lstm":
+  if args.only != "all":
+    if args.only == "distill":
+      # As in a run (system/run.py): the CPU learner dispatches
+      # synchronously, so each call's dispatch is paid in full.
+      bench_acting.configure_cpu_acting()
+    measure = {"lstm": measure_lstm, "distill": measure_distill_calls}
     print(json.dumps({
         **run_header(str(jax.devices()[0])),
-        **measure_lstm(args.learner_steps, bench_acting.DEFAULT_OBS_SHAPE, 4)},
+        **measure[args.only](args.learner_steps,
+                             bench_acting.DEFAULT_OBS_SHAPE, 4)},
         indent=1, default=str))
     return
   bench_acting.configure_cpu_acting()   # before any other JAX work
@@ -394,6 +430,8 @@ def main(argv):
   result.update(learner)
   result.update(measure_memory_and_replay(args.learner_steps, obs_shape,
                                           num_actions))
+  result.update(measure_distill_calls(args.learner_steps, obs_shape,
+                                      num_actions))
   result.update(measure_lstm(args.learner_steps, obs_shape, num_actions))
   print(json.dumps(result, indent=1, default=str))
 

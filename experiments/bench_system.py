@@ -15,6 +15,8 @@ CPU and ~20 s on an H200. Prints one JSON object:
   <agent>_t_actor_alone_p50_us, <agent>_t_actor_alone_p99_us
                              the same acting step (same agent, sizes and E)
                              measured alone in a pinned thread, in this run
+  <agent>_learner_frac_<phase>  the learner loop's share of the run's time
+                             per phase (step, publish, wait_batch, ...)
   actors                     "threads" or "processes" (--actors)
 
     python experiments/bench_system.py --seconds_per_agent=60 --preset=default
@@ -60,6 +62,10 @@ _WARMUP_STEPS = flags.DEFINE_integer(
     "warmup_learner_steps", 5,
     "The measured window starts at the first report after this many learner "
     "steps: by then every compiled variant of the step has run once.")
+_ALD_DISTILL_STEPS = flags.DEFINE_float(
+    "ald_distill_steps", 1.0,
+    "Distill-only steps per RL step for ald: 1 in every recorded table (it "
+    "measures throughput per combined step); training's default is 4.")
 _ALONE_CALLS = flags.DEFINE_integer(
     "alone_calls", 5000, "Acting steps timed alone per agent.")
 
@@ -117,9 +123,8 @@ def bench_agent(agent: str, workdir: str) -> dict:
   config = config_lib.TrainConfig(
       learner=lcfg, num_actors=_NUM_ACTORS.value,
       envs_per_actor=_ENVS.value, total_env_steps=10**12,
-      # 1, not the library's 4 for ald: every recorded figure used 1, and
-      # this measures the system's throughput per combined step.
-      distill_steps_per_rl_step=1.0 if agent == "ald" else 0.0,
+      distill_steps_per_rl_step=(_ALD_DISTILL_STEPS.value if agent == "ald"
+                                 else 0.0),
       t_actor_policy="warn", report_interval_s=2.0,
       checkpoint_interval_s=10**6, logdir=os.path.join(workdir, agent),
       max_wall_time_s=_SECONDS.value + 60.0,  # + start-up and compile
@@ -151,6 +156,9 @@ def bench_agent(agent: str, workdir: str) -> dict:
       f"{agent}_measured_s": rates["seconds"],
       f"{agent}_t_actor_alone_p50_us": alone["p50_us"],
       f"{agent}_t_actor_alone_p99_us": alone["p99_us"],
+      # Where the learner loop's time went (whole run, compiles included).
+      **{f"{agent}_learner_{key}": final[key] for key in sorted(final)
+         if key.startswith("frac_")},
   }
 
 
@@ -171,6 +179,7 @@ def main(argv):
       "actors": _ACTORS.value,
       "learner_memory": _LEARNER_MEMORY.value,
       "warmup_learner_steps": _WARMUP_STEPS.value,
+      "ald_distill_steps_per_rl_step": _ALD_DISTILL_STEPS.value,
   }
   with tempfile.TemporaryDirectory() as workdir:
     for agent in _AGENTS.value:

@@ -94,7 +94,7 @@ def probe(setting: dict) -> dict:
     replay = learner_lib.Replay(rows=rows, teacher=teacher,
                                 next=np.zeros((), np.int32),
                                 size=np.asarray(s["batch"], np.int32))
-    state, _ = learner.replay_distill_step(state, replay)
+    state, _ = learner.replay_distill_steps(state, replay, num_steps=1)
     if update % 250 == 0:
       logits = np.asarray(learner.actor_forward(state.actor_params,
                                                 held_out).logits)

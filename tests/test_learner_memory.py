@@ -170,7 +170,7 @@ def _counting_gtrxl(monkeypatch):
 
 
 @pytest.mark.parametrize("teacher", ["stored", "recompute"])
-def test_replay_distill_step_uses_stored_teacher_without_the_gtrxl(
+def test_replay_distill_steps_use_stored_teacher_without_the_gtrxl(
     monkeypatch, teacher):
   calls = _counting_gtrxl(monkeypatch)
   # Uniform weights: the KL below is the unweighted one the loss then lowers.
@@ -188,9 +188,9 @@ def test_replay_distill_step_uses_stored_teacher_without_the_gtrxl(
   assert int(replay.size) == 2
   calls["n"] = 0
   kls = []
-  for _ in range(30):
-    state, metrics = learner.replay_distill_step(state, replay)
-    kls.append(float(metrics["distill/policy_kl"]))
+  for _ in range(10):
+    state, metrics = learner.replay_distill_steps(state, replay, num_steps=3)
+    kls.extend(np.asarray(metrics["distill/policy_kl"]).tolist())
   traced_calls = calls["n"]
   if teacher == "stored":
     assert traced_calls == 0
@@ -198,6 +198,48 @@ def test_replay_distill_step_uses_stored_teacher_without_the_gtrxl(
   else:
     assert traced_calls > 0
   assert int(state.distill_step) == 30
+
+
+def _filled_replay(learner, rows):
+  state = learner.init(jax.random.PRNGKey(0), rows)
+  state, _, replay, _ = learner.train_step(state, (), learner.init_replay(4),
+                                           rows, warm=False)
+  return host(state), host(replay)
+
+
+def test_replay_distill_steps_in_one_call_equal_one_call_per_step():
+  learner = learner_lib.make_learner(memory_config(), (OBS_DIM,), NUM_ACTIONS)
+  state, replay = _filled_replay(learner, stream_rows(2, 1))
+  fused, metrics = learner.replay_distill_steps(host(state), replay,
+                                                num_steps=3)
+  assert metrics["distill/policy_kl"].shape == (3,)
+  stepped, kls = host(state), []
+  for _ in range(3):
+    stepped, step_metrics = learner.replay_distill_steps(stepped, replay,
+                                                         num_steps=1)
+    kls.append(float(step_metrics["distill/policy_kl"][0]))
+  np.testing.assert_allclose(metrics["distill/policy_kl"], kls, rtol=1e-5)
+  assert int(fused.distill_step) == int(stepped.distill_step) == 3
+  np.testing.assert_array_equal(fused.rng, stepped.rng)
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+      host(fused.actor_params), host(stepped.actor_params))
+
+
+def test_non_finite_replay_distill_steps_are_skipped_one_by_one():
+  learner = learner_lib.make_learner(memory_config(), (OBS_DIM,), NUM_ACTIONS)
+  state, replay = _filled_replay(learner, stream_rows(2, 1))
+  bad = replay.rows.observation.copy()
+  bad[1] = np.nan   # one of the two stored rows
+  replay = replay._replace(rows=replay.rows.replace(observation=bad))
+  new, metrics = learner.replay_distill_steps(host(state), replay,
+                                              num_steps=16)
+  flags = np.asarray(metrics["nonfinite"])
+  assert 0 < flags.sum() < 16   # some steps sampled the NaN row, some not
+  assert int(new.distill_step) == int(state.distill_step) + int(
+      (flags == 0).sum())
+  assert all(np.isfinite(x).all()
+             for x in jax.tree_util.tree_leaves(host(new.actor_params)))
 
 
 def cue_batch(rng, batch_size, *, span=30):
@@ -253,7 +295,7 @@ def test_distillation_window_teaches_a_memory_longer_than_the_unroll(
     replay = learner_lib.Replay(rows=batch, teacher=teacher,
                                 next=np.zeros((), np.int32),
                                 size=np.asarray(32, np.int32))
-    state, _ = learner.replay_distill_step(state, replay)
+    state, _ = learner.replay_distill_steps(state, replay, num_steps=1)
   batch, _, cues, decisions = cue_batch(np.random.default_rng(1), 256)
   out = learner.actor_forward(state.actor_params, batch)
   chosen = np.argmax(np.asarray(out.logits)[np.arange(256), decisions - 32],

@@ -10,6 +10,7 @@ import pytest
 from ald_jax import config as config_lib
 from ald_jax.system import errors
 from ald_jax.system import learner_driver as driver_lib
+from ald_jax.system import replay as replay_lib
 
 from test_system_batcher import unroll
 
@@ -25,9 +26,10 @@ class FakeLearnerConfig(NamedTuple):
 class FakeLearner(NamedTuple):
   """The driver-facing surface of `learner.Learner`. State counts steps; an
   update is non-finite when the batch's reward is NaN (combined) or when
-  `distill_nan` says so (distill-only); memory counts writes per stream."""
+  `distill_nan(k)` says so for the k-th distill-only step (counted from 1);
+  memory counts writes per stream."""
   train_step: Callable[..., Any]
-  replay_distill_step: Callable[..., Any]
+  replay_distill_steps: Callable[..., Any]
   actor_params: Callable[[Any], Any]
   init_memory: Callable[[int], Any]
   init_replay: Callable[[int], Any]
@@ -37,7 +39,7 @@ class FakeLearner(NamedTuple):
 
 
 def fake_learner(distill_nan=lambda k: False, uses_memory=False):
-  calls = {"distill": 0, "warm": []}
+  calls = {"distill": 0, "warm": [], "distill_calls": []}
 
   def train_step(state, memory, replay, batch, warm):
     calls["warm"].append(warm)
@@ -48,15 +50,18 @@ def fake_learner(distill_nan=lambda k: False, uses_memory=False):
              "distill": state["distill"]}, memory, replay,
             {"nonfinite": bad, "loss": jnp.float32(2.5)})
 
-  def replay_distill_step(state, replay):
+  def replay_distill_steps(state, replay, num_steps):
     del replay
-    calls["distill"] += 1
-    bad = float(distill_nan(calls["distill"]))
-    return (dict(state, distill=state["distill"] + 1),
-            {"nonfinite": jnp.float32(bad)})
+    calls["distill_calls"].append(num_steps)
+    first = calls["distill"] + 1
+    calls["distill"] += num_steps
+    ks = range(first, first + num_steps)
+    return (dict(state, distill=state["distill"] + num_steps),
+            {"nonfinite": jnp.asarray([float(distill_nan(k)) for k in ks]),
+             "step": jnp.asarray(list(ks), jnp.float32)})
 
   learner = FakeLearner(
-      train_step, replay_distill_step, lambda s: {"w": s["w"]},
+      train_step, replay_distill_steps, lambda s: {"w": s["w"]},
       init_memory=lambda n: jnp.zeros((n,), jnp.int32),
       init_replay=lambda capacity: jnp.zeros(()), uses_memory=uses_memory,
       config=FakeLearnerConfig(), spec=FakeSpec())
@@ -85,6 +90,7 @@ def test_counts_steps_distill_schedule_and_publishes_copies():
   assert driver.counters() == driver_lib.DriverCounters(4, 2, 0, 0, 0, 4)
   assert driver.metrics() == {"nonfinite": 0.0, "loss": 2.5,
                               "distill_only/nonfinite": 0.0,
+                              "distill_only/step": 2.0,
                               "learner_warm_steps": 0.0,
                               "learner_cold_steps": 4.0}
   np.testing.assert_array_equal(driver.actor_params()["w"], [4, 4, 4])
@@ -129,6 +135,30 @@ def test_failed_distill_only_steps_are_counted():
   assert driver.counters().distill_nonfinite_total == 2
 
 
+def test_the_steps_due_run_as_one_call_and_are_counted_one_by_one():
+  learner, calls = fake_learner(distill_nan=lambda k: k in (4, 6))
+  driver = driver_lib.LearnerDriver(
+      learner, train_config(distill_steps_per_rl_step=3.0), jax.devices()[0],
+      initial_state())
+  results = [driver.train(unroll([0, 1], [k, k])) for k in range(2)]
+  assert calls["distill_calls"] == [3, 3]
+  assert [(r.distill_steps, r.distill_skipped) for r in results] == [
+      (3, 0), (1, 2)]
+  assert driver.counters().distill_steps == 4
+  assert driver.counters().distill_nonfinite_total == 2
+  # The reported metrics are the last applied step's (5th), not the 6th's.
+  assert driver.metrics()["distill_only/step"] == 5.0
+
+
+@pytest.mark.parametrize("ratio, counts", [(4.0, [4]), (0.5, [1]),
+                                           (1.5, [1, 2]), (0.0, [])])
+def test_schedule_names_every_count_the_driver_compiles(ratio, counts):
+  schedule = replay_lib.DistillSchedule(ratio)
+  assert schedule.possible_steps() == counts
+  seen = {schedule.steps_due() for _ in range(20)} - {0}
+  assert seen == set(counts)
+
+
 def test_all_steps_of_a_batch_are_queued_before_any_result_is_read():
   # Reading a step's result makes the host wait for that step; the driver
   # queues the combined step and its distill-only steps first.
@@ -144,18 +174,18 @@ def test_all_steps_of_a_batch_are_queued_before_any_result_is_read():
     log.append("train")
     return state, memory, replay, {"nonfinite": Flag()}
 
-  def replay_distill_step(state, replay):
+  def replay_distill_steps(state, replay, num_steps):
     del replay
-    log.append("distill")
-    return state, {"nonfinite": Flag()}
+    log.append(f"distill x{num_steps}")
+    return state, {"nonfinite": np.asarray([Flag()] * num_steps)}
 
-  learner = fake_learner()[0]._replace(train_step=train_step,
-                                       replay_distill_step=replay_distill_step)
+  learner = fake_learner()[0]._replace(
+      train_step=train_step, replay_distill_steps=replay_distill_steps)
   driver = driver_lib.LearnerDriver(
       learner, train_config(distill_steps_per_rl_step=4.0), jax.devices()[0],
       initial_state())
   result = driver.train(unroll([0, 1], [0, 0]))
-  assert log == ["train"] + ["distill"] * 4 + ["read"] * 5
+  assert log == ["train", "distill x4"] + ["read"] * 5
   assert result.applied and result.distill_steps == 4
 
 

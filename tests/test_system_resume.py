@@ -74,18 +74,18 @@ def first_states(monkeypatch):
 
   def make_learner(*args, **kwargs):
     learner = original(*args, **kwargs)
-    train_step, distill = learner.train_step, learner.replay_distill_step
+    train_step, distill = learner.train_step, learner.replay_distill_steps
 
     def recording_train_step(state, *rest, **kwargs):
       recorded.setdefault("train", host_copy(state))
       return train_step(state, *rest, **kwargs)
 
-    def recording_distill(state, replay):
+    def recording_distill(state, replay, num_steps):
       recorded.setdefault("distill", host_copy(state))
-      return distill(state, replay)
+      return distill(state, replay, num_steps=num_steps)
 
     return learner._replace(train_step=recording_train_step,
-                            replay_distill_step=recording_distill)
+                            replay_distill_steps=recording_distill)
 
   monkeypatch.setattr(learner_lib, "make_learner", make_learner)
   return recorded

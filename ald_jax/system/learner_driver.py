@@ -128,7 +128,8 @@ class LearnerDriver:
                     for name in DriverCounters._fields}
     self._consecutive_nonfinite = 0
     self._last_metrics: dict[str, Any] = {}
-    self._last_distill_metrics: dict[str, Any] = {}
+    # (metrics stacked [steps], index of the last applied step) or None
+    self._last_distill_metrics: tuple[dict[str, Any], int] | None = None
     self.num_streams = config.num_actors * config.envs_per_actor
     self.cached = (learner.uses_memory and
                    learner.config.learner_memory == "cached")
@@ -150,7 +151,8 @@ class LearnerDriver:
     """Compiles every step variant this run calls, at once, for `placed`'s
     shapes.
 
-    Each variant (the cold and warm combined steps, the distill-only step) is
+    Each variant (the cold and warm combined steps, the distill-only steps
+    for each count the schedule can ask for) is
     a separate XLA program of ~15-20 s to compile at the small sizes on two
     CPU cores; compiled on first use, they stall the loop one after another.
     XLA compiles without holding the GIL, so threads overlap them. The
@@ -163,8 +165,9 @@ class LearnerDriver:
                                   placed), {"warm": warm})
             for warm in ((False, True) if self.cached else (False,))]
     if self._replay is not None:
-      jobs.append((learner.replay_distill_step, (self._state, self._replay),
-                   {}))
+      jobs += [(learner.replay_distill_steps, (self._state, self._replay),
+                {"num_steps": num_steps})
+               for num_steps in self._schedule.possible_steps()]
     # Steps that are not jitted functions (test doubles) compile nothing.
     jobs = [job for job in jobs if hasattr(job[0], "lower")]
     self.compiled_variants = True
@@ -196,16 +199,16 @@ class LearnerDriver:
         self._learner.train_step(self._state, self._memory, self._replay,
                                  placed, warm=warm))
     self._counts["warm_steps" if warm else "cold_steps"] += 1
-    # Dispatch the distill-only steps before reading any result: a float()
-    # per step would make the host wait for each one before queueing the
-    # next. One device_get below reads every step's non-finite flag.
-    distill_metrics = []
-    for _ in range(self._schedule.steps_due()):
-      self._state, step_metrics = self._learner.replay_distill_step(
-          self._state, self._replay)
-      distill_metrics.append(step_metrics)
-    nonfinite, *distill_nonfinite = jax.device_get(
-        [metrics["nonfinite"]] + [m["nonfinite"] for m in distill_metrics])
+    # The distill-only steps due run as one call, dispatched before any
+    # result is read; one device_get reads every non-finite flag.
+    due = self._schedule.steps_due()
+    distill_metrics = None
+    if due:
+      self._state, distill_metrics = self._learner.replay_distill_steps(
+          self._state, self._replay, num_steps=due)
+    nonfinite, distill_nonfinite = jax.device_get(
+        (metrics["nonfinite"],
+         distill_metrics["nonfinite"] if due else np.zeros(0, np.float32)))
     applied = float(nonfinite) == 0
     if applied:
       self._consecutive_nonfinite = 0
@@ -224,13 +227,12 @@ class LearnerDriver:
             "non-finite loss or gradient (max_consecutive_nonfinite="
             f"{cfg.max_consecutive_nonfinite}); last metrics: "
             f"{ {k: float(v) for k, v in metrics.items()} }")
-    distilled = skipped = 0
-    for step_metrics, flag in zip(distill_metrics, distill_nonfinite):
-      if float(flag) == 0:
-        distilled += 1
-        self._last_distill_metrics = step_metrics
-      else:
-        skipped += 1
+    finite_steps = np.flatnonzero(
+        np.asarray(distill_nonfinite, np.float32) == 0)
+    distilled = int(finite_steps.size)
+    skipped = due - distilled
+    if distilled:  # the last applied step's metrics, read when reported
+      self._last_distill_metrics = (distill_metrics, int(finite_steps[-1]))
     self._counts["distill_steps"] += distilled
     self._counts["distill_nonfinite_total"] += skipped
     if skipped:
@@ -253,8 +255,10 @@ class LearnerDriver:
   def metrics(self) -> dict[str, float]:
     """The last applied steps' metrics, as floats (one transfer)."""
     out = {k: float(v) for k, v in jax.device_get(self._last_metrics).items()}
-    for k, v in jax.device_get(self._last_distill_metrics).items():
-      out[f"distill_only/{k}"] = float(v)
+    if self._last_distill_metrics is not None:
+      stacked, index = self._last_distill_metrics
+      for k, v in jax.device_get(stacked).items():
+        out[f"distill_only/{k}"] = float(np.asarray(v)[index])
     out["learner_warm_steps"] = float(self._counts["warm_steps"])
     out["learner_cold_steps"] = float(self._counts["cold_steps"])
     return out

@@ -176,3 +176,8 @@ class DistillSchedule:
     due = int(np.floor(self._credit + 1e-9))
     self._credit -= due
     return due
+
+  def possible_steps(self) -> list[int]:
+    """Every non-zero count `steps_due` can return: floor and ceil of the
+    ratio (4 -> [4]; 0.5 -> [1]; 1.5 -> [1, 2])."""
+    return sorted({int(np.floor(self.ratio)), int(np.ceil(self.ratio))} - {0})
