@@ -24,8 +24,10 @@ import dm_env
 from dm_env import specs
 import numpy as np
 
-SUPPORTED_OBS_RANKS = (1, 2, 3)  # rank 2 is flattened to a vector
-FLATTENED_OBS_RANK = 2
+from ald_jax import types
+
+FLATTENED_OBS_RANK = 2   # flattened to a vector for the torso
+SUPPORTED_OBS_RANKS = tuple(sorted((*types.OBS_RANKS, FLATTENED_OBS_RANK)))
 
 _LOGGED: set[str] = set()
 

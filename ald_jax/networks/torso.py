@@ -12,8 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ald_jax.config import TorsoConfig
-
-SUPPORTED_OBS_NDIMS = (1, 3)
+from ald_jax.types import OBS_RANKS as SUPPORTED_OBS_NDIMS
 
 
 class Torso(nn.Module):

@@ -55,7 +55,7 @@ from ald_jax.system import pool as pool_lib
 from ald_jax.system import run_dir as run_dir_lib
 from ald_jax.system import timing
 
-EnvFactory = Callable[[int], Any]
+EnvFactory = batched_lib.EnvFactory  # (seed) -> dm_env.Environment
 CHECKPOINT_DIR = "checkpoints"
 
 

@@ -172,6 +172,12 @@ def time_call_ns(fn: Callable[..., Any], *args) -> tuple[Any, int]:
   return out, time.perf_counter_ns() - start
 
 
+def _check_policy(policy: str) -> None:
+  if policy not in T_ACTOR_POLICIES:
+    raise ValueError(f"t_actor_policy must be one of {T_ACTOR_POLICIES}, got "
+                     f"{policy!r}")
+
+
 def check_budget(summary: LatencySummary, budget_ms: float | None,
                  policy: str, what: str = "actor step") -> None:
   """Applies the T_actor policy to a calibration summary.
@@ -179,9 +185,7 @@ def check_budget(summary: LatencySummary, budget_ms: float | None,
   Raises TActorBudgetError (policy "refuse") or logs a warning ("warn") when
   the measured p99 exceeds `budget_ms`. No budget (None) checks nothing.
   """
-  if policy not in T_ACTOR_POLICIES:
-    raise ValueError(f"t_actor_policy must be one of {T_ACTOR_POLICIES}, got "
-                     f"{policy!r}")
+  _check_policy(policy)
   if budget_ms is None:
     return
   p99_ms = summary.p99_us / 1e3
@@ -211,9 +215,7 @@ def calibrate_actor_step(step_fn: Callable[..., Any], args: Sequence[Any],
   call runs on the calling thread's current affinity; see
   `actor.calibrate_core` for a calibration pinned like an actor.
   """
-  if policy not in T_ACTOR_POLICIES:
-    raise ValueError(f"t_actor_policy must be one of {T_ACTOR_POLICIES}, got "
-                     f"{policy!r}")
+  _check_policy(policy)   # before any timing work
   if num_calls <= 0:
     raise ValueError(f"num_calls must be > 0, got {num_calls}")
   for _ in range(warmup_calls):
