@@ -253,7 +253,8 @@ class LearnerDriver:
     return DriverCounters(**self._counts)
 
   def metrics(self) -> dict[str, float]:
-    """The last applied steps' metrics, as floats (one transfer)."""
+    """The last applied combined step's metrics and, as `distill_only/*`,
+    the last applied distill-only step's, as floats."""
     out = {k: float(v) for k, v in jax.device_get(self._last_metrics).items()}
     if self._last_distill_metrics is not None:
       stacked, index = self._last_distill_metrics
