@@ -19,6 +19,11 @@ Prints one JSON object, all measured in this run:
   distill_separate_calls_ms_*            the same k steps one call each
                                          (also alone: --only=distill; CPU
                                          dispatch synchronous, as in a run)
+  driver_train_ms, driver_device_calls_ms   one `LearnerDriver.train` call
+                                         (warm batch, k distill-only steps) vs
+                                         the same jitted calls alone; their
+                                         difference is the driver's host work
+                                         (--only=driver)
   lstm_train_ms, lstm_agent_step_ms[_actor_context0]   the LSTM's training
                                          cost (also alone: --only=lstm)
   transformer_learner_frames_per_s_cached / _recompute   the same for the
@@ -42,6 +47,7 @@ observations of 36), acting is skipped and it prints instead:
     python experiments/bench_learner_step.py --shape=large
     python experiments/bench_learner_step.py --only=lstm
     python experiments/bench_learner_step.py --only=distill
+    python experiments/bench_learner_step.py --only=driver
 """
 import argparse
 import dataclasses
@@ -65,6 +71,7 @@ from ald_jax import learner as learner_lib  # pylint: disable=wrong-import-posit
 from ald_jax.networks import gtrxl as gtrxl_lib  # pylint: disable=wrong-import-position
 from ald_jax.networks import lstm as lstm_lib  # pylint: disable=wrong-import-position
 from ald_jax.networks import policy_value  # pylint: disable=wrong-import-position
+from ald_jax.system import learner_driver as driver_lib  # pylint: disable=wrong-import-position
 from ald_jax.types import MID  # pylint: disable=wrong-import-position
 
 # The peer's shape (issue 7): vector observations of 36, 4 actions.
@@ -214,6 +221,40 @@ def measure_distill_calls(num_steps: int, obs_shape, num_actions,
         _timed(lambda: bench.distill(k), num_steps) * 1e3, 2))
     _put(out, f"distill_separate_calls_ms_{teacher}", round(
         _timed(lambda: bench.distill_separately(k), num_steps) * 1e3, 2))
+  return out
+
+
+def measure_driver(num_steps: int, obs_shape, num_actions,
+                   config=None) -> dict:
+  """`LearnerDriver.train` on warm host batches (as the loop calls it: the
+  transfer, the bookkeeping, the non-finite reads) vs its jitted calls
+  alone (combined warm step + the k distill-only steps, placed inputs)."""
+  config = config or config_lib.LearnerConfig()
+  b = config.batch_size
+  train_config = config_lib.TrainConfig(learner=config, num_actors=1,
+                                        envs_per_actor=b)
+  k = int(train_config.distill_steps_per_rl_step)
+  bench = _LearnerBench(config, obs_shape, num_actions)
+  host_batch = jax.device_get(bench.batch)
+  driver = driver_lib.LearnerDriver(bench.learner, train_config,
+                                    jax.devices()[0], jax.device_get(
+                                        bench.state))
+  unroll = iter(range(10**9))
+
+  def train():
+    index = next(unroll)
+    return driver.train(host_batch.replace(
+        unroll_index=np.full(b, index, np.int32)))
+
+  def device_calls():
+    return bench.combined(True)(), bench.distill(k)
+  out = {"driver_distill_steps": k}
+  _timed(train, 2)   # compiles every variant, then warm
+  _put(out, "driver_train_ms", round(_timed(train, num_steps) * 1e3, 2))
+  _put(out, "driver_device_calls_ms",
+       round(_timed(device_calls, num_steps) * 1e3, 2))
+  out["driver_host_overhead_ms"] = round(
+      out["driver_train_ms"] - out["driver_device_calls_ms"], 2)
   return out
 
 
@@ -378,20 +419,22 @@ def main(argv):
   parser.add_argument("--core", type=int, default=None)
   parser.add_argument("--shape", choices=("default", "large"),
                       default="default")
-  parser.add_argument("--only", choices=("all", "lstm", "distill"),
+  parser.add_argument("--only", choices=("all", "lstm", "distill", "driver"),
                       default="all",
                       help="lstm: only the LSTM's training figures; distill: "
-                      "only the distill-only calls (one vs k)")
+                      "only the distill-only calls (one vs k); driver: only "
+                      "the driver's train call vs its jitted calls")
   args = parser.parse_args(argv)
   if args.shape == "large":
     print(json.dumps(main_large(args), indent=1, default=str))
     return
   if args.only != "all":
-    if args.only == "distill":
+    if args.only in ("distill", "driver"):
       # As in a run (system/run.py): the CPU learner dispatches
       # synchronously, so each call's dispatch is paid in full.
       bench_acting.configure_cpu_acting()
-    measure = {"lstm": measure_lstm, "distill": measure_distill_calls}
+    measure = {"lstm": measure_lstm, "distill": measure_distill_calls,
+               "driver": measure_driver}
     print(json.dumps({
         **run_header(str(jax.devices()[0])),
         **measure[args.only](args.learner_steps,
@@ -432,6 +475,7 @@ def main(argv):
                                           num_actions))
   result.update(measure_distill_calls(args.learner_steps, obs_shape,
                                       num_actions))
+  result.update(measure_driver(args.learner_steps, obs_shape, num_actions))
   result.update(measure_lstm(args.learner_steps, obs_shape, num_actions))
   print(json.dumps(result, indent=1, default=str))
 

@@ -69,6 +69,10 @@ bench() {
     --shape=large --learner_steps 10 > "$OUT/bench_learner_step_large.json" \
     2> "$OUT/bench_learner_step_large.err"
   echo "bench_learner_step large rc=$? at $(( $(date +%s) - START )) s"
+  timeout "$(left 90)" python3 experiments/bench_learner_step.py \
+    --only=driver --learner_steps 50 > "$OUT/bench_learner_step_driver.json" \
+    2> "$OUT/bench_learner_step_driver.err"
+  echo "bench_learner_step driver rc=$? at $(( $(date +%s) - START )) s"
   timeout "$(left 50)" python3 -m pytest -q -p no:cacheprovider \
     tests/test_networks_gtrxl.py -k step_form_matches_sequence_form \
     > "$OUT/gpu_test.log" 2>&1
