@@ -207,20 +207,33 @@ def _put_warm_cold_pair(out: dict, prefix: str, bench: _LearnerBench,
       out[f"{prefix}learner_frames_per_s_recompute"], 2)
 
 
+def _teacher_bench(config, teacher: str, obs_shape, num_actions
+                   ) -> _LearnerBench:
+  return _LearnerBench(dataclasses.replace(config, distill=dataclasses.replace(
+      config.distill, teacher=teacher)), obs_shape, num_actions)
+
+
+def _put_distill_calls(out: dict, teacher: str, bench: _LearnerBench,
+                       num_steps: int) -> None:
+  """The k distill-only steps due per RL step (k = training's default), one
+  call vs k calls, on a bench whose replay is filled."""
+  k = int(config_lib.ALD_DISTILL_STEPS)
+  out["distill_steps_per_call"] = k
+  _put(out, f"distill_call_ms_{teacher}", round(
+      _timed(lambda: bench.distill(k), num_steps) * 1e3, 2))
+  _put(out, f"distill_separate_calls_ms_{teacher}", round(
+      _timed(lambda: bench.distill_separately(k), num_steps) * 1e3, 2))
+
+
 def measure_distill_calls(num_steps: int, obs_shape, num_actions,
                           config=None) -> dict:
-  """The k distill-only steps due per RL step, one call vs k calls."""
+  """`_put_distill_calls` alone, for both teachers."""
   config = config or config_lib.LearnerConfig()
-  k = int(config_lib.ALD_DISTILL_STEPS)
-  out = {"distill_steps_per_call": k}
+  out = {}
   for teacher in ("stored", "recompute"):
-    bench = _LearnerBench(dataclasses.replace(config, distill=dataclasses.replace(
-        config.distill, teacher=teacher)), obs_shape, num_actions)
+    bench = _teacher_bench(config, teacher, obs_shape, num_actions)
     bench.combined(False)()   # fill the replay
-    _put(out, f"distill_call_ms_{teacher}", round(
-        _timed(lambda: bench.distill(k), num_steps) * 1e3, 2))
-    _put(out, f"distill_separate_calls_ms_{teacher}", round(
-        _timed(lambda: bench.distill_separately(k), num_steps) * 1e3, 2))
+    _put_distill_calls(out, teacher, bench, num_steps)
   return out
 
 
@@ -259,8 +272,11 @@ def measure_driver(num_steps: int, obs_shape, num_actions,
 
 
 def measure_memory_and_replay(num_steps: int, obs_shape, num_actions,
-                              config=None) -> dict:
-  """Warm vs cold combined steps and stored vs recomputed distill steps.
+                              config=None, distill_calls: bool = True
+                              ) -> dict:
+  """Warm vs cold combined steps and stored vs recomputed distill steps
+  (one step a call, and k in one call vs k calls unless `distill_calls` is
+  False).
 
   Also the same warm/cold pair for the `transformer` agent (the GTrXL
   learner without the LSTM actor's distillation, whose cost over the C+T+1
@@ -268,14 +284,15 @@ def measure_memory_and_replay(num_steps: int, obs_shape, num_actions,
   config = config or config_lib.LearnerConfig()
   out = {}
   for teacher in ("stored", "recompute"):
-    bench = _LearnerBench(dataclasses.replace(config, distill=dataclasses.replace(
-        config.distill, teacher=teacher)), obs_shape, num_actions)
+    bench = _teacher_bench(config, teacher, obs_shape, num_actions)
     if teacher == "stored":
       _put_warm_cold_pair(out, "", bench, num_steps)
     else:
       bench.combined(False)()   # fill the replay
     _put(out, f"distill_step_ms_{teacher}", round(
         _timed(bench.distill, num_steps) * 1e3, 2))
+    if distill_calls:
+      _put_distill_calls(out, teacher, bench, num_steps)
   bench = _LearnerBench(dataclasses.replace(config, agent="transformer"),
                         obs_shape, num_actions)
   _put_warm_cold_pair(out, "transformer_", bench, num_steps)
@@ -408,7 +425,7 @@ def main_large(args) -> dict:
                                     LARGE_OBS_SHAPE, LARGE_NUM_ACTIONS))
   result.update(measure_memory_and_replay(args.learner_steps,
                                           LARGE_OBS_SHAPE, LARGE_NUM_ACTIONS,
-                                          config=config))
+                                          config=config, distill_calls=False))
   return result
 
 
@@ -473,8 +490,6 @@ def main(argv):
   result.update(learner)
   result.update(measure_memory_and_replay(args.learner_steps, obs_shape,
                                           num_actions))
-  result.update(measure_distill_calls(args.learner_steps, obs_shape,
-                                      num_actions))
   result.update(measure_driver(args.learner_steps, obs_shape, num_actions))
   result.update(measure_lstm(args.learner_steps, obs_shape, num_actions))
   print(json.dumps(result, indent=1, default=str))
