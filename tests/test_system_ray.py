@@ -247,7 +247,10 @@ def test_hanging_env_in_processes_stops_at_the_wall_time_limit_leaving_nothing(
   The loop's clock jumps past the limit once both actor processes have a
   hung environment, so the limit falls while every actor hangs whatever the
   machine's speed (jumping at the first one let a slow second process
-  start after the stop: 1 pid seen instead of 2, once in CI)."""
+  start after the stop: 1 pid seen instead of 2, once in CI). It also waits
+  until the pool has both pids: it learns a pid from the process's first
+  poll reply (replies keep coming while the actor threads hang), and a
+  clean-clone CI once stopped before any reply came (0 pids seen)."""
   import sys  # pylint: disable=import-outside-toplevel
   from ray import cloudpickle  # pylint: disable=import-outside-toplevel
   cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -256,7 +259,8 @@ def test_hanging_env_in_processes_stops_at_the_wall_time_limit_leaving_nothing(
   markers.mkdir()
   limit_s = 3600.0
   jump_clock_when(monkeypatch, limit_s,
-                  lambda: len(os.listdir(markers)) >= 2)
+                  lambda: len(os.listdir(markers)) >= 2 and hook.pools and
+                  len(hook.pools[0].actor_pids()) >= 2)
   config = process_run(tmp_path / "run", total_env_steps=10**8,
                        actor_stall_s=0.0, max_wall_time_s=limit_s)
   result = run.train(config, env_factory=HangingIMaze(str(markers)))
