@@ -63,9 +63,9 @@ _WARMUP_STEPS = flags.DEFINE_integer(
     "The measured window starts at the first report after this many learner "
     "steps: by then every compiled variant of the step has run once.")
 _ALD_DISTILL_STEPS = flags.DEFINE_float(
-    "ald_distill_steps", 1.0,
-    "Distill-only steps per RL step for ald: 1 in every recorded table (it "
-    "measures throughput per combined step); training's default is 4.")
+    "ald_distill_steps", None,
+    "Distill-only steps per RL step for ald (default: training's, see "
+    "TrainConfig; the tables before 2026-11-27's second one ran 1).")
 _ALONE_CALLS = flags.DEFINE_integer(
     "alone_calls", 5000, "Acting steps timed alone per agent.")
 
@@ -124,7 +124,7 @@ def bench_agent(agent: str, workdir: str) -> dict:
       learner=lcfg, num_actors=_NUM_ACTORS.value,
       envs_per_actor=_ENVS.value, total_env_steps=10**12,
       distill_steps_per_rl_step=(_ALD_DISTILL_STEPS.value if agent == "ald"
-                                 else 0.0),
+                                 else None),
       t_actor_policy="warn", report_interval_s=2.0,
       checkpoint_interval_s=10**6, logdir=os.path.join(workdir, agent),
       max_wall_time_s=_SECONDS.value + 60.0,  # + start-up and compile
@@ -142,6 +142,7 @@ def bench_agent(agent: str, workdir: str) -> dict:
   active = final.get("actor_active_s", 0.0)
   waiting = final.get("actor_wait_queue_s", 0.0)
   return {
+      f"{agent}_distill_steps_per_rl_step": config.distill_steps_per_rl_step,
       f"{agent}_env_sps": rates["env_sps"],
       f"{agent}_actor_sps": final.get("actor_sps"),
       f"{agent}_learner_steps_per_s": rates["learner_steps_per_s"],
@@ -179,7 +180,6 @@ def main(argv):
       "actors": _ACTORS.value,
       "learner_memory": _LEARNER_MEMORY.value,
       "warmup_learner_steps": _WARMUP_STEPS.value,
-      "ald_distill_steps_per_rl_step": _ALD_DISTILL_STEPS.value,
   }
   with tempfile.TemporaryDirectory() as workdir:
     for agent in _AGENTS.value:

@@ -82,19 +82,23 @@ bench() {
 }
 
 # End to end: ALD and the transformer agent with segment memory, then ALD
-# re-reading its context. Each agent runs seconds_per_agent + 60 s (start-up,
-# compile) whatever happens, so the limits leave ~30 s more. ~7 minutes.
+# re-reading its context. ALD at 1 distill-only step per RL step, as in issue
+# 7's goal and the 11-26 H200 record. Each agent runs seconds_per_agent + 60 s
+# (start-up, compile) whatever happens, so the limits leave ~30 s more.
+# ~7 minutes.
 # 15 minutes of device time (start-ups included) fit one of bench/system/grid.
 system() {
   versions
   timeout "$(left 300)" python3 experiments/bench_system.py \
     --agents=ald,transformer --seconds_per_agent=60 --alone_calls=2000 \
-    --learner_memory=cached --out="$OUT/bench_system_cached.json" \
+    --ald_distill_steps=1 --learner_memory=cached \
+    --out="$OUT/bench_system_cached.json" \
     > /dev/null 2> "$OUT/bench_system_cached.err"
   echo "bench_system cached rc=$? at $(( $(date +%s) - START )) s"
   timeout "$(left 150)" python3 experiments/bench_system.py \
     --agents=ald --seconds_per_agent=60 --alone_calls=2000 \
-    --learner_memory=recompute --out="$OUT/bench_system_recompute.json" \
+    --ald_distill_steps=1 --learner_memory=recompute \
+    --out="$OUT/bench_system_recompute.json" \
     > /dev/null 2> "$OUT/bench_system_recompute.err"
   echo "bench_system recompute rc=$? at $(( $(date +%s) - START )) s"
   grep -h '^{' "$OUT"/*.err | cut -c1-300
