@@ -7,15 +7,43 @@
 #   bash experiments/gpu_session.sh system  # versions, end-to-end ALD vs transformer, cached vs recompute
 #   bash experiments/gpu_session.sh grid    # memory-span grid: 8 runs at a time, 2 pinned cores each
 #
-# The machine's image has jax/flax/optax/chex/orbax; the few missing pure
-# wheels (dm-env, dm-tree, tensorboardX) travel in .whl/. Ray (80 MB) does
-# not fit the transfer limit, so runs use actor threads. Outputs go to $OUT.
+# The machine's image has jax/flax/optax/chex/orbax; the few missing wheels
+# (dm-env, dm-tree, tensorboardX; attrs and wrapt only if its Python lacks
+# them) travel in .whl/ (git-ignored: pass it in the run's carry). Make them
+# here, on the machine with the registries, before the first device call:
+#
+#   bash experiments/gpu_session.sh wheels  # ~1.5 MB, Python 3.11-3.13
+#
+# Ray (80 MB) does not fit the transfer limit, so runs use actor threads.
+# Outputs go to $OUT.
 set -u
+if [ "${1:-}" = wheels ]; then
+  rm -rf .whl
+  for version in 3.11 3.12 3.13; do
+    python3 -m pip download -q --only-binary=:all: --no-deps \
+      --python-version "$version" --platform manylinux_2_28_x86_64 \
+      --platform manylinux_2_17_x86_64 -d .whl dm-tree==0.1.10 wrapt || exit 1
+  done
+  python3 -m pip download -q --no-deps -d .whl dm-env==1.6 \
+    tensorboardX==2.6.5 attrs || exit 1
+  ls .whl; exit 0
+fi
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-  --upgrade --target /tmp/site .whl/*.whl || exit 1
+ls .whl/dm_env-*.whl > /dev/null || {
+  echo "no .whl/: run 'bash experiments/gpu_session.sh wheels' here first and carry .whl"
+  exit 1; }
+install() {
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/site "$@" || exit 1
+}
+install .whl/dm_env-*.whl .whl/tensorboardx-*.whl \
+  "$(ls .whl/dm_tree-*.whl | grep "cp$(python3 -c 'import sys; print("%d%d" % sys.version_info[:2])')-")"
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+# dm-tree needs attrs and wrapt: take ours only where the image lacks them.
+python3 -c "import attrs, wrapt" 2> /dev/null || install .whl/attrs-*.whl \
+  "$(ls .whl/wrapt-*.whl | grep "cp$(python3 -c 'import sys; print("%d%d" % sys.version_info[:2])')-")"
+python3 -c "import tree, dm_env, tensorboardX" || exit 1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 START=$(date +%s)
 
