@@ -8,11 +8,12 @@
 #   bash experiments/gpu_session.sh grid    # memory-span grid: 8 runs at a time, 2 pinned cores each
 #
 # The machine's image has jax/flax/optax/chex/orbax; the few missing wheels
-# (dm-env, dm-tree, tensorboardX; attrs and wrapt only if its Python lacks
-# them) travel in .whl/ (git-ignored: pass it in the run's carry). Make them
-# here, on the machine with the registries, before the first device call:
+# (dm-env, dm-tree, tensorboardX; attrs, wrapt and pytest's xdist and
+# timeout plugins only if its Python lacks them) travel in .whl/ (git-ignored:
+# pass it in the run's carry). Make them here, on the machine with the
+# registries, before the first device call:
 #
-#   bash experiments/gpu_session.sh wheels  # ~1.5 MB, Python 3.11-3.13
+#   bash experiments/gpu_session.sh wheels  # ~1.6 MB, Python 3.11-3.13
 #
 # Ray (80 MB) does not fit the transfer limit, so runs use actor threads.
 # Outputs go to $OUT.
@@ -25,7 +26,7 @@ if [ "${1:-}" = wheels ]; then
       --platform manylinux_2_17_x86_64 -d .whl dm-tree==0.1.10 wrapt || exit 1
   done
   python3 -m pip download -q --no-deps -d .whl dm-env==1.6 \
-    tensorboardX==2.6.5 attrs || exit 1
+    tensorboardX==2.6.5 attrs pytest-xdist execnet pytest-timeout || exit 1
   ls .whl; exit 0
 fi
 OUT=${OUT:-/tmp/gpu_out}
@@ -44,6 +45,9 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 python3 -c "import attrs, wrapt" 2> /dev/null || install .whl/attrs-*.whl \
   "$(ls .whl/wrapt-*.whl | grep "cp$(python3 -c 'import sys; print("%d%d" % sys.version_info[:2])')-")"
 python3 -c "import tree, dm_env, tensorboardX" || exit 1
+# The GPU tests run on pytest's workers (-n) under its timeout plugin.
+python3 -c "import xdist, pytest_timeout" 2> /dev/null || install \
+  .whl/pytest_xdist-*.whl .whl/execnet-*.whl .whl/pytest_timeout-*.whl
 export XLA_PYTHON_CLIENT_PREALLOCATE=false RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 START=$(date +%s)
 
