@@ -77,8 +77,9 @@ class Replay(NamedTuple):
 
   `teacher` holds the learner's logits/values on each row's T unroll steps as
   computed by the combined step that trained on it (empty when the teacher is
-  recomputed). Rows are overwritten oldest first, so a stored teacher output
-  is at most `capacity / batch_size` combined steps old.
+  recomputed); a skipped (non-finite) combined step writes nothing. Rows are
+  overwritten oldest first, so a stored teacher output is at most
+  `capacity / batch_size` applied combined steps old.
   """
   rows: types.Batch            # [capacity, C+T+1, ...]
   teacher: Any                 # AgentOutput [capacity, T(, A)] or ()
@@ -503,30 +504,40 @@ def make_learner(config: config_lib.LearnerConfig,
 
     `warm` (static): every row's stream has a valid memory (its previous
     unroll was the last one trained); else every row re-reads its context.
-    Rows are addressed by `batch.stream_id` (each stream at most once).
+    Rows are addressed by `batch.stream_id` (each stream at most once when
+    warm; a cold batch may repeat one, and which write wins is unknown).
     """
     if uses_memory and isinstance(memory, SegmentMemory):
       rows_memory = _rows(memory, batch.stream_id) if warm else None
       new_state, metrics, teacher, next_memory, finite = update(
           state, batch, rows_memory)
-      # A skipped (non-finite) update leaves the memory as it was.
-      old = (_rows(memory, batch.stream_id) if warm else next_memory)
+      # A skipped (non-finite) update leaves the memory as it was (cold
+      # too: a NaN there must not wait for a later warm read).
       memory = _set_rows(memory, batch.stream_id,
-                         _select(finite, next_memory, old))
+                         _select(finite, next_memory,
+                                 _rows(memory, batch.stream_id)))
     else:
       new_state, metrics, teacher, _, finite = update(state, batch)
     metrics["learner/warm"] = jnp.asarray(float(warm and uses_memory))
     if replay is not None:
+      # Only rows the learner trained on enter the replay: a skipped step's
+      # rows (and their possibly non-finite teacher) are not written.
       capacity = replay.rows.action.shape[0]
       b = batch.batch_size
       positions = (replay.next + jnp.arange(b)) % capacity
+
+      def write(tree, values):
+        return _set_rows(tree, positions,
+                         _select(finite, values, _rows(tree, positions)))
+
       stored = replay.teacher
       if cfg.distill.teacher == "stored":
-        stored = _set_rows(stored, positions, teacher)
+        stored = write(stored, teacher)
+      written = finite.astype(jnp.int32) * b
       replay = Replay(
-          rows=_set_rows(replay.rows, positions, replay_rows(batch)),
-          teacher=stored, next=(replay.next + b) % capacity,
-          size=jnp.minimum(replay.size + b, capacity))
+          rows=write(replay.rows, replay_rows(batch)), teacher=stored,
+          next=(replay.next + written) % capacity,
+          size=jnp.minimum(replay.size + written, capacity))
     return new_state, memory, replay, metrics
 
   def distill_update(state: LearnerState, batch: types.Batch,

@@ -2,6 +2,7 @@
 and the distillation window (issues 7 and 8)."""
 import dataclasses
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -240,6 +241,35 @@ def test_non_finite_replay_distill_steps_are_skipped_one_by_one():
       (flags == 0).sum())
   assert all(np.isfinite(x).all()
              for x in jax.tree_util.tree_leaves(host(new.actor_params)))
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_a_skipped_combined_step_leaves_memory_and_replay_as_they_were(warm):
+  """Only trained rows enter the replay and the segment memory: a non-finite
+  combined step (here a NaN observation) writes neither, warm or cold."""
+  learner = learner_lib.make_learner(memory_config(), (OBS_DIM,), NUM_ACTIONS)
+  first = stream_rows(2, 0)
+  state = learner.init(jax.random.PRNGKey(0), first)
+  memory, replay = learner.init_memory(2), learner.init_replay(4)
+  state, memory, replay, metrics = learner.train_step(
+      state, memory, replay, first, warm=False)
+  assert float(metrics["nonfinite"]) == 0
+  before = host((memory, replay))
+  bad = stream_rows(2, 1)
+  obs = bad.observation.copy()
+  obs[1, -2] = np.nan
+  state, memory, replay, metrics = learner.train_step(
+      state, memory, replay, bad.replace(observation=obs), warm=warm)
+  assert float(metrics["nonfinite"]) == 1
+  chex.assert_trees_all_equal(host((memory, replay)), before)
+  # The next trained batch is written where the skipped one would have been.
+  state, memory, replay, metrics = learner.train_step(
+      state, memory, replay, stream_rows(2, 1), warm=warm)
+  assert float(metrics["nonfinite"]) == 0
+  assert int(replay.size) == 4 and int(replay.next) == 0
+  assert np.isfinite(host(replay.teacher.logits)).all()
+  np.testing.assert_array_equal(host(replay.rows.observation[2:]),
+                                stream_rows(2, 1).observation)
 
 
 def cue_batch(rng, batch_size, *, span=30):

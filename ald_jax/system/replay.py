@@ -85,13 +85,15 @@ class StreamBatcher:
   """Cuts unrolls into batches of `batch_size` rows, each stream at most once.
 
   Rows carry `stream_id`; a batch takes, in arrival order, the oldest pending
-  row of each stream, so a stream's consecutive unrolls land in consecutive
-  batches in order (a row whose stream is already in the batch waits for the
-  next one). Needs at least `batch_size` distinct streams.
+  row of each stream, so a stream's consecutive unrolls land in later batches
+  in order (a row whose stream is already in the batch waits for a later
+  one). Needs at least `batch_size` distinct streams.
 
   If pending rows reach `max_pending_rows` (one actor far ahead of the
   others), the batch is filled with the oldest remaining rows instead, still
-  in per-stream order; `repeated_rows` counts those rows.
+  in per-stream order, so it may hold a stream twice (the learner then takes
+  the cold path: `StreamMemoryBook.is_warm`); `repeated_rows` counts those
+  rows.
   """
 
   def __init__(self, batch_size: int, max_pending_rows: int | None = None):
