@@ -165,6 +165,30 @@ def test_exception_in_one_actor_only_stops_the_run_naming_it(tmp_path):
   assert not actor_threads_alive()
 
 
+@pytest.mark.timeout(180)
+def test_an_actor_error_as_the_budget_ends_the_run_still_stops_it(tmp_path):
+  """Actor 0's environment raises while actor 1's step, in flight, crosses
+  total_env_steps: the run must end with actor 0's error, not 'budget'."""
+  failed, waiting = threading.Event(), threading.Event()
+
+  class RacingIMaze(imaze.IMaze):
+    def step(self, action):
+      name = threading.current_thread().name
+      if name == "actor-0":
+        waiting.wait(60)     # actor 1 is inside its step
+        failed.set()
+        raise RuntimeError("actor 0's environment crashed")
+      if name == "actor-1":
+        waiting.set()
+        failed.wait(60)      # ... and finishes it once actor 0 failed
+      return super().step(action)
+
+  config = tiny_run(tmp_path, agent="lstm", total_env_steps=4)
+  with pytest.raises(run.RunError, match="actor 0's environment crashed"):
+    run.train(config, env_factory=lambda seed: RacingIMaze(seed=seed))
+  assert not actor_threads_alive()
+
+
 class ENOSPCOnFinalRow:
   """Patches MetricsWriter.write to fail with ENOSPC on the final row."""
 

@@ -419,21 +419,57 @@ def test_cluster_actors_on_worker_nodes_only_learn_imaze(tmp_path, monkeypatch):
   assert result.final_row["success_rate"] >= 0.9, result.final_row
 
 
+class FakeRay:
+  """The few calls RayActorPool makes, over plain objects: `ready` refs are
+  answered (their value or exception in `values`), the rest pending."""
+
+  exceptions = ray.exceptions
+
+  def __init__(self):
+    self.ready, self.values = set(), {}
+
+  def wait(self, refs, num_returns=1, timeout=None):
+    del num_returns, timeout
+    return ([r for r in refs if r in self.ready],
+            [r for r in refs if r not in self.ready])
+
+  def get(self, ref):
+    value = self.values[ref]
+    if isinstance(value, BaseException):
+      raise value
+    return value
+
+  def kill(self, handle, no_restart=True):
+    del handle, no_restart
+
+
+def _unit_pool(monkeypatch, num_processes=2, **changes):
+  """A RayActorPool with FakeRay and no processes; `_launch` only records."""
+  pool = ray_pool.RayActorPool.__new__(ray_pool.RayActorPool)
+  pool._config = dataclasses.replace(tiny_run("unused"), **changes)  # pylint: disable=protected-access
+  pool._ray = FakeRay()  # pylint: disable=protected-access
+  pool._stop_error = None  # pylint: disable=protected-access
+  pool._slots = [ray_pool._Slot(p, [p]) for p in range(num_processes)]  # pylint: disable=protected-access
+  pool.launched = []
+  monkeypatch.setattr(pool, "_launch", pool.launched.append)
+  return pool
+
+
 def test_an_unresponsive_process_is_restarted_after_actor_stall_s(monkeypatch):
   """`check()`: a poll outstanding longer than actor_stall_s restarts a
   process that has answered before (a live one answers within POLL_S); one
-  still starting (no answer yet) gets STARTUP_GRACE_S more."""
-  pool = ray_pool.RayActorPool.__new__(ray_pool.RayActorPool)
-  pool._config = dataclasses.replace(tiny_run("unused"), actor_stall_s=5.0)  # pylint: disable=protected-access
-  answered, starting = ray_pool._Slot(0, [0]), ray_pool._Slot(1, [1])  # pylint: disable=protected-access
-  answered.last = object()
-  pool._slots = [answered, starting]  # pylint: disable=protected-access
+  still starting (no answer yet) gets STARTUP_GRACE_S more; a reply that is
+  ready but not collected yet (the learner was busy) is no stall."""
+  pool = _unit_pool(monkeypatch, num_processes=3, actor_stall_s=5.0)
+  answered, starting, busy_learner = pool._slots  # pylint: disable=protected-access
+  answered.last = busy_learner.last = object()
   restarted = []
   monkeypatch.setattr(pool, "_restart",
                       lambda slot, why: restarted.append((slot.process_id,
                                                           why)))
-  for slot in (answered, starting):
+  for slot in pool._slots:  # pylint: disable=protected-access
     slot.pending, slot.pending_since = object(), time.monotonic() - 10.0
+  pool._ray.ready.add(busy_learner.pending)  # pylint: disable=protected-access
   pool.check()
   assert [p for p, _ in restarted] == [0]
   assert "unresponsive for 10 s (--actor_stall_s=5)" in restarted[0][1]
@@ -442,3 +478,86 @@ def test_an_unresponsive_process_is_restarted_after_actor_stall_s(monkeypatch):
   answered.pending_since = time.monotonic()
   pool.check()
   assert [p for p, _ in restarted] == [0, 1]
+
+
+def test_a_dead_process_is_restarted_with_its_cause_and_polled_once(
+    monkeypatch):
+  """A process that died (here in its start-up) is relaunched once (its new
+  poll comes from the launch, not a second one after it), and the restart
+  limit's error keeps Ray's message, which holds the cause."""
+  pool = _unit_pool(monkeypatch, num_processes=1, max_actor_restarts=1)
+  slot = pool._slots[0]  # pylint: disable=protected-access
+  polls = []
+  monkeypatch.setattr(pool, "_poll", polls.append)
+
+  def die():
+    slot.pending = object()
+    pool._ray.ready.add(slot.pending)  # pylint: disable=protected-access
+    pool._ray.values[slot.pending] = ray.exceptions.RayActorError(  # pylint: disable=protected-access
+        error_msg="\x1b[36mray::_ActorProcess.__init__()\x1b[39m "
+        "ModuleNotFoundError: No module named 'my_env'")
+
+  die()
+  pool._collect(0.0)  # pylint: disable=protected-access
+  assert pool.launched == [slot] and not polls
+  die()
+  with pytest.raises(errors.ActorRestartLimitError,
+                     match=r"process died: RayActorError: "
+                     r"ray::_ActorProcess.__init__\(\) ModuleNotFoundError: "
+                     r"No module named 'my_env'"):
+    pool._collect(0.0)  # pylint: disable=protected-access
+
+
+def test_a_stalled_reply_restarts_its_process_which_is_polled_once(
+    monkeypatch):
+  """A reply whose thread made no env step for actor_stall_s restarts the
+  process; its new poll is the launch's (a second one would drop the new
+  process's first reply)."""
+  pool = _unit_pool(monkeypatch, num_processes=1, actor_stall_s=5.0)
+  pool._spec = _group_spec(lambda i: None, num_actors=1)  # pylint: disable=protected-access
+  pool._actor_unrolls, pool._ready, pool._episodes = [0], [], []  # pylint: disable=protected-access
+  slot = pool._slots[0]  # pylint: disable=protected-access
+  polls = []
+  monkeypatch.setattr(pool, "_poll", polls.append)
+  slot.pending = object()
+  pool._ray.ready.add(slot.pending)  # pylint: disable=protected-access
+  pool._ray.values[slot.pending] = ray_pool.PollReply(  # pylint: disable=protected-access
+      [], [], [], None, [9.0], None, None, 4242, "")
+  pool._collect(0.0)  # pylint: disable=protected-access
+  assert pool.launched == [slot] and not polls
+  assert "stalled: actor 0 made no environment step for 9.0 s" in (
+      slot.last_failure)
+
+
+def test_an_error_in_the_replies_left_at_stop_is_raised_after_stop(
+    monkeypatch):
+  """A process's pending poll reply is answered before its stop call: an
+  actor error in it (the run ending meanwhile on its budget) is raised by
+  `raise_error` after `stop`, naming the process and actor."""
+  pool = _unit_pool(monkeypatch, num_processes=2)
+  pool._connected = pool._started_ray = False  # pylint: disable=protected-access
+  quiet, failed = pool._slots  # pylint: disable=protected-access
+  fake = pool._ray  # pylint: disable=protected-access
+
+  class Handle:
+    class stop:  # pylint: disable=invalid-name
+      @staticmethod
+      def remote(timeout_s):
+        del timeout_s
+        ref = object()
+        fake.ready.add(ref)
+        fake.values[ref] = True
+        return ref
+
+  for slot in pool._slots:  # pylint: disable=protected-access
+    slot.handle, slot.pending = Handle(), object()
+  fake.ready.add(failed.pending)
+  fake.values[failed.pending] = ray_pool.PollReply(
+      [], [], [], None, [0.0], "actor 1: RuntimeError: env exploded",
+      "Traceback ...", 4242, "")
+  pool.raise_error()  # nothing found before stop
+  assert pool.stop(1.0) == []
+  with pytest.raises(errors.RunError,
+                     match=r"actor process 1 \(actor 1\), pid 4242: actor 1: "
+                     "RuntimeError: env exploded"):
+    pool.raise_error()

@@ -37,6 +37,19 @@ def test_ring_window_keeps_recent_but_counts_all():
   assert s.max_us == 25.0 and s.over_budget == 5  # 21..25 us
 
 
+def test_latest_samples_are_the_most_recent_in_order_after_the_ring_wrapped():
+  recorder = timing.LatencyRecorder(capacity=10)
+  assert recorder.latest_ns(4).size == 0
+  _record_us(recorder, range(1, 4))
+  np.testing.assert_array_equal(recorder.latest_ns(5),
+                                np.arange(1, 4) * 1000)
+  _record_us(recorder, range(4, 24))   # 23 recorded, the ring wrapped twice
+  np.testing.assert_array_equal(recorder.latest_ns(4),
+                                np.arange(20, 24) * 1000)
+  np.testing.assert_array_equal(recorder.latest_ns(99),
+                                np.arange(14, 24) * 1000)
+
+
 def test_no_budget_and_empty():
   recorder = timing.LatencyRecorder()
   s = recorder.summary()

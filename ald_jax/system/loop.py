@@ -180,10 +180,11 @@ class LearnerLoop:
     self._rate.rate(self.env_offset)
     last_report = last_checkpoint = time.perf_counter()
     while True:
+      # Actors first: an actor's error must not hide behind a budget stop.
+      self._pool.check()  # raises a RunError for a failed/stalled actor
       reason = self._due_stop()
       if reason is not None:
         break
-      self._pool.check()  # raises a RunError for a failed/stalled actor
       self._offer_evaluation()
       with self.phases.phase("wait_batch"):
         unroll = self._pool.get_unroll(self._poll_s)

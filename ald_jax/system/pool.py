@@ -44,6 +44,7 @@ class ActorPool(Protocol):
   def publish(self, params: Params) -> int: ...
   def get_unroll(self, timeout_s: float) -> types.Batch | None: ...
   def check(self) -> None: ...
+  def raise_error(self) -> None: ...
   def stats(self) -> dict[str, Any]: ...
   def drain_episodes(self) -> list[actor_lib.Episode]: ...
   def stop(self, deadline_s: float) -> list[str]: ...
@@ -132,7 +133,9 @@ class ThreadActorPool:
     except queue_lib.Empty:
       return None
 
-  def check(self) -> None:
+  def raise_error(self) -> None:
+    """Raises a RunError for the first error an actor recorded, if any
+    (also after `stop`: an error must not vanish behind a budget stop)."""
     if self._errors.has_error:
       error = self._errors.error
       if isinstance(error, errors.RunError):
@@ -140,6 +143,9 @@ class ThreadActorPool:
       raise errors.RunError(
           f"run stopped by an error in {self._errors.message()}",
           self._errors.traceback) from error
+
+  def check(self) -> None:
+    self.raise_error()
     if self._stall_s > 0:
       now = time.monotonic()
       for actor in self.actors:

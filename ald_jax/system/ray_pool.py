@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import os
 import queue as queue_lib
+import re
 import threading
 import time
 from typing import Any, NamedTuple, Sequence
@@ -62,6 +63,8 @@ POLL_S = 0.5            # how long a process's poll call waits for an unroll
 # it gets this much longer than actor_stall_s before it counts as stuck.
 STARTUP_GRACE_S = 60.0
 LATENCY_SAMPLES = 4096  # T_actor samples a process sends per report
+_FAILURE_CHARS = 2000   # of a dead process's error kept in the message
+_ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its messages
 
 
 def _import_ray():
@@ -103,7 +106,7 @@ class PollReply(NamedTuple):
 
 
 def _snapshot(recorder: timing.LatencyRecorder) -> LatencySnapshot:
-  return LatencySnapshot(recorder.values_ns()[-LATENCY_SAMPLES:],
+  return LatencySnapshot(recorder.latest_ns(LATENCY_SAMPLES),
                          recorder.count, recorder.max_ns,
                          recorder.over_budget, recorder.budget_ms)
 
@@ -289,6 +292,7 @@ class RayActorPool:
     self._queue_capacity = poll_queue_capacity
     self._want_latency = False
     self._spec_blob: bytes | None = None
+    self._stop_error: errors.RunError | None = None  # found while stopping
 
   # ---- lifecycle ----
 
@@ -371,12 +375,18 @@ class RayActorPool:
         reply = ray.get(ref)
       except (ray.exceptions.RayActorError,
               ray.exceptions.ActorUnavailableError) as error:
-        self._restart(slot, f"process died: {type(error).__name__}")
+        # Ray's message holds the cause (e.g. an exception in the process's
+        # start-up, with its traceback): keep it for the restart-limit error.
+        message = _ANSI_COLOUR.sub("", str(error))[:_FAILURE_CHARS]
+        self._restart(slot, f"process died: {type(error).__name__}: "
+                      f"{message}")
         continue
-      self._take(slot, reply)
-      self._poll(slot)
+      if not self._take(slot, reply):
+        self._poll(slot)  # a restarted slot polls its new process already
 
-  def _take(self, slot: _Slot, reply: PollReply) -> None:
+  def _take(self, slot: _Slot, reply: PollReply) -> bool:
+    """Takes a reply's unrolls and episodes; True if it restarted the
+    process (a stalled thread)."""
     if reply.error is not None:
       raise errors.RunError(
           f"run stopped by an error in {slot.name}, pid {reply.pid}: "
@@ -399,6 +409,8 @@ class RayActorPool:
       self._restart(slot, f"stalled: actor {slot.actor_ids[worst]} made no "
                     f"environment step for {reply.idle_s[worst]:.1f} s "
                     f"(--actor_stall_s={stall_s:g})")
+      return True
+    return False
 
   def _restart(self, slot: _Slot, why: str) -> None:
     slot.last_failure = why
@@ -424,10 +436,17 @@ class RayActorPool:
     stall_s = self._config.actor_stall_s
     if not stall_s:
       return
+    pending = [slot.pending for slot in self._slots if slot.pending is not None]
+    # A reply that is ready but not yet collected (the learner was busy:
+    # compiling, checkpointing) is an answer, not a stall.
+    answered, _ = (self._ray.wait(pending, num_returns=len(pending), timeout=0)
+                   if pending else ([], None))
+    answered = set(answered)
     now = time.monotonic()
     for slot in self._slots:
       limit_s = stall_s + (STARTUP_GRACE_S if slot.last is None else 0.0)
-      if slot.pending is not None and now - slot.pending_since > limit_s:
+      if (slot.pending is not None and slot.pending not in answered
+          and now - slot.pending_since > limit_s):
         self._restart(slot, f"unresponsive for {now - slot.pending_since:.0f} "
                       f"s (--actor_stall_s={stall_s:g})")
 
@@ -467,6 +486,29 @@ class RayActorPool:
       row[prefix + "restarts"] = slot.restarts
     return row
 
+  def _error_in_last_replies(self) -> errors.RunError | None:
+    """The first actor error in the poll replies left when the run stopped
+    (a process answers its pending poll before its stop call)."""
+    for slot in self._slots:
+      if slot.pending is None:
+        continue
+      try:
+        ready, _ = self._ray.wait([slot.pending], timeout=0)
+        reply = self._ray.get(ready[0]) if ready else None
+      except Exception:  # pylint: disable=broad-except
+        continue  # a dead process: nothing it reported is left
+      if reply is not None and reply.error is not None:
+        return errors.RunError(
+            f"run stopped by an error in {slot.name}, pid {reply.pid}: "
+            f"{reply.error}", reply.error_traceback)
+    return None
+
+  def raise_error(self) -> None:
+    """Raises an actor error that the last replies (collected at `stop`)
+    held; errors in earlier replies were raised when they came."""
+    if self._stop_error is not None:
+      raise self._stop_error
+
   def actor_node_ids(self) -> set[str]:
     """The Ray nodes actor processes ran on."""
     return set().union(*(slot.node_ids for slot in self._slots))
@@ -495,6 +537,7 @@ class RayActorPool:
       refs = [ref for _, ref in stopping]
       done, _ = ray.wait(refs, num_returns=len(refs),
                          timeout=max(0.0, deadline - time.monotonic()))
+      self._stop_error = self._error_in_last_replies()
       for slot, ref in stopping:
         try:
           if ref not in done or not ray.get(ref):

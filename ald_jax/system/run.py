@@ -369,6 +369,10 @@ def _train_locked(cfg: config_lib.TrainConfig, factory: EnvFactory,
     stop_start = time.monotonic()
     stuck = first_error.attempt(
         "stopping actors", lambda: pool.stop(STOP_DEADLINE_S)) or []
+    # An actor that failed while the loop was ending (budget, wall time)
+    # still stops the run with its cause.
+    if first_error.error is None:
+      first_error.attempt("the actors", pool.raise_error)
     if evaluator is not None:
       if (evaluator.started and first_error.error is None and
           loop.stop_reason in ("budget", "wall_time")):

@@ -98,6 +98,13 @@ class LatencyRecorder:
     count = self.count
     return self._buffer[:min(count, self._capacity)].copy()
 
+  def latest_ns(self, n: int) -> np.ndarray:
+    """A copy of the most recent `min(n, count, capacity)` durations, oldest
+    first (a slice of `values_ns` is not that once the ring has wrapped)."""
+    count = self.count
+    n = min(n, count, self._capacity)
+    return self._buffer[(count - n + np.arange(n)) % self._capacity].copy()
+
   def summary(self) -> LatencySummary:
     return _summarize(self.values_ns(), self.count, self.max_ns,
                       self.over_budget, self.budget_ms)
