@@ -162,6 +162,7 @@ class Checkpointer:
         create=not read_only, read_only=read_only,
         save_interval_steps=0 if read_only else 1,  # orbax warns otherwise
         enable_async_checkpointing=async_save)
+    self._read_only = read_only
     if not read_only:
       remove_temporary_dirs(self.directory)
     # Handlers named up front: a fresh manager can then read a step's
@@ -227,6 +228,17 @@ class Checkpointer:
                _METADATA: ocp.args.JsonRestore()}))
     return restored[_STATE], dict(restored[_METADATA])
 
+  def _set_aside(self, steps: list[int]) -> None:
+    for step in steps:
+      path = os.path.join(self.directory, str(step))
+      aside = f"{path}.unreadable"
+      suffix = 1
+      while os.path.exists(aside):
+        aside, suffix = f"{path}.unreadable{suffix}", suffix + 1
+      os.rename(path, aside)
+      logging.warning("unreadable checkpoint step %d moved to %s", step, aside)
+    self._manager.reload()
+
   def read_metadata(self, step: int) -> dict:
     """The JSON metadata of `step` alone (counters, config), without the
     state: cheap, and needs no target."""
@@ -241,13 +253,19 @@ class Checkpointer:
     A newest step that fails to restore is skipped with a warning; if every
     step fails, the newest step's error is raised. A shape/dtype mismatch is
     raised at once: older steps of the same run have the same structure.
+    The skipped steps are renamed `<step>.unreadable` (kept for inspection,
+    no longer a step): the run continues from the older step and saves its
+    own checkpoints under those step numbers.
     """
     self._manager.reload()
     steps = sorted(self._manager.all_steps(), reverse=True)
     first_error = None
-    for step in steps:
+    for index, step in enumerate(steps):
       try:
-        return self.restore(step, target_like)
+        restored = self.restore(step, target_like)
+        if index and not self._read_only:
+          self._set_aside(steps[:index])
+        return restored
       except CheckpointMismatchError:
         raise
       except Exception as error:  # pylint: disable=broad-except

@@ -323,7 +323,9 @@ class TrainConfig:
   # "ald", the only agent with a separate actor, and 0 for the others).
   distill_steps_per_rl_step: float | None = None
   replay_capacity: int = 256          # unroll rows kept for distill-only steps
-  queue_capacity: int = 8             # unrolls in flight between actors and learner
+  # Unrolls in flight between actors and learner (processes: split over
+  # the actor threads' local queues, at least 1 each).
+  queue_capacity: int = 8
   t_actor_budget_ms: float = 10.0
   t_actor_policy: str = "refuse"
   calibration_steps: int = 200
@@ -370,6 +372,9 @@ class TrainConfig:
         isinstance(kv, tuple) and len(kv) == 2 and isinstance(kv[0], str)
         for kv in self.env_kwargs), "env_kwargs",
              "must be a tuple of (name, value) pairs")
+    # One order (the CLI's): a resume compares configs field by field.
+    object.__setattr__(self, "env_kwargs",
+                       tuple(sorted(self.env_kwargs, key=lambda kv: kv[0])))
     _nested(self.learner, LearnerConfig, "learner")
     _positive_int(self.num_actors, "num_actors")
     _positive_int(self.envs_per_actor, "envs_per_actor")
@@ -389,6 +394,11 @@ class TrainConfig:
              f"must be 0 for agent {self.learner.agent!r} (only 'ald' has a "
              "separate actor to distill into)")
     _positive_int(self.replay_capacity, "replay_capacity")
+    _require(self.distill_steps_per_rl_step == 0 or
+             self.replay_capacity >= self.learner.batch_size,
+             "replay_capacity", f"must be >= batch_size "
+             f"({self.learner.batch_size}) for distill-only steps, got "
+             f"{self.replay_capacity}")
     _positive_int(self.queue_capacity, "queue_capacity")
     _positive(self.t_actor_budget_ms, "t_actor_budget_ms", allow_inf=True)
     _require(isinstance(self.t_actor_policy, str) and

@@ -124,12 +124,19 @@ class RateMeter:
 
 
 def _read_jsonl(path: str) -> list[dict[str, Any]]:
-  rows = []
+  """The rows of a metrics file; a cut last line (a kill or a full disk
+  mid-write) is skipped with a warning, a bad line elsewhere raises."""
   with open(path, encoding="utf-8") as f:
-    for line in f:
-      line = line.strip()
-      if line:
-        rows.append(json.loads(line))
+    lines = [line.strip() for line in f if line.strip()]
+  rows = []
+  for number, line in enumerate(lines, 1):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if number < len(lines):
+        raise
+      logging.warning("%s: its last line is cut short (%d chars); skipped",
+                      path, len(line))
   return rows
 
 

@@ -129,7 +129,8 @@ FLAG_TABLE = (
     _Flag("replay_capacity", "replay_capacity", "int",
           "Unroll rows kept for distill-only steps."),
     _Flag("queue_capacity", "queue_capacity", "int",
-          "Unrolls in flight between actors and the learner."),
+          "Unrolls in flight between actors and the learner (with "
+          "--actors=processes: split over the actor threads, >= 1 each)."),
     _Flag("t_actor_budget_ms", "t_actor_budget_ms", "float",
           "Per-step acting latency budget T_actor, in ms."),
     _Flag("t_actor_policy", "t_actor_policy", "enum",
@@ -190,6 +191,8 @@ FLAG_TABLE = (
           "Evaluate with argmax actions instead of sampled ones."),
 )
 _BY_PATH = {f.path: f for f in FLAG_TABLE}
+# Flag name -> config path: `resume_allow_change` accepts flag names.
+FLAG_PATHS = {f.name: f.path for f in FLAG_TABLE}
 
 
 def get_path(obj: Any, path: str) -> Any:
@@ -266,7 +269,18 @@ def _parse_value(flag: _Flag, raw: Any) -> Any:
   return raw
 
 
-def _build(cls, values: dict) -> Any:
+def _in_section(message: str, section: str) -> str:
+  """'learning_rate: ...' raised inside section 'learner.actor_optimizer'
+  -> 'learner.actor_optimizer.learning_rate: ...' when one flag's path
+  fits (a nested config names only its own field)."""
+  field, _, rest = message.partition(": ")
+  leaf = field.rsplit(".", 1)[-1]
+  paths = [path for path in _BY_PATH
+           if path.startswith(section + ".") and path.endswith("." + leaf)]
+  return f"{paths[0]}: {rest}" if len(paths) == 1 else message
+
+
+def _build(cls, values: dict, section: str = "") -> Any:
   """Builds a (nested) config dataclass from a dict of overrides."""
   kwargs = {}
   for field in dataclasses.fields(cls):
@@ -274,7 +288,11 @@ def _build(cls, values: dict) -> Any:
       continue
     value = values[field.name]
     if isinstance(value, dict):
-      value = _build(type(field.default), value)  # every field has a default
+      path = f"{section}.{field.name}" if section else field.name
+      try:  # every nested field has a default
+        value = _build(type(field.default), value, path)
+      except config_lib.ConfigError as error:
+        raise config_lib.ConfigError(_in_section(str(error), path)) from None
     kwargs[field.name] = value
   return cls(**kwargs)
 
@@ -337,7 +355,7 @@ def _name_flag(message: str) -> str:
 def train(config: config_lib.TrainConfig, env_factory: Callable | None = None):
   """Runs `config`; see `ald_jax.system.run.train`."""
   from ald_jax.system import run  # pylint: disable=import-outside-toplevel
-  return run.train(config, env_factory)
+  return run.train(config, env_factory, flag_paths=FLAG_PATHS)
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -395,7 +413,7 @@ def main(argv) -> int:
   from ald_jax.system import timing  # pylint: disable=import-outside-toplevel
   from ald_jax.system import errors  # pylint: disable=import-outside-toplevel
   try:
-    result = run.train(config)
+    result = run.train(config, flag_paths=FLAG_PATHS)
   except (config_lib.ConfigError, ValueError, timing.TActorBudgetError) as error:
     # Bad input found before any actor started (environment kwargs, specs,
     # an existing run directory ...).

@@ -89,7 +89,7 @@ GRID_OWNED = {
     "env_kwargs": "--env_kwargs_grid", "env": "--env",
 }
 _FLAG_KINDS = {flag.name: flag.kind for flag in train_lib.FLAG_TABLE}
-_FLAG_PATHS = {flag.name: flag.path for flag in train_lib.FLAG_TABLE}
+_FLAG_PATHS = train_lib.FLAG_PATHS
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._=,+-]")
 
 

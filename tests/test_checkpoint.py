@@ -124,6 +124,25 @@ def test_unreadable_newest_falls_back_to_previous(tmp_path):
   _assert_state_equal(_state(1), state)
 
 
+def test_a_run_restoring_past_an_unreadable_step_sets_it_aside(tmp_path):
+  """The run continues from the older step and saves its own checkpoint
+  under the unreadable step's number (before, that save was refused as
+  'already exists' and the next resume lost it)."""
+  directory = tmp_path / "ckpt"
+  with checkpoint.Checkpointer(directory) as ckpt:
+    ckpt.save(1, _state(1), _metadata(1))
+  os.makedirs(directory / "2" / "state")  # not written by orbax: unreadable
+  with checkpoint.Checkpointer(directory) as ckpt:
+    _, meta = ckpt.restore_latest(_state(0))
+    assert meta["learner_steps"] == 1
+    assert ckpt.all_steps() == [1]
+    assert ckpt.save(2, _state(2), _metadata(2))
+  assert sorted(os.listdir(directory)) == ["1", "2", "2.unreadable"]
+  state, meta = checkpoint.restore_latest(directory, _state(0))
+  assert meta["learner_steps"] == 2
+  _assert_state_equal(_state(2), state)
+
+
 def test_to_jsonable_rejects_unknown_types():
   @dataclasses.dataclass
   class Cfg:

@@ -93,6 +93,23 @@ def test_unlimited_values_stay_allowed():
                                   batch_size=np.int64(4)).batch_size == 4
 
 
+def test_replay_smaller_than_a_batch_fails_at_construction():
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"^replay_capacity: must be >= batch_size \(16\)"):
+    config_lib.TrainConfig(replay_capacity=8)
+  # Agents without distill-only steps keep no replay.
+  config_lib.TrainConfig(replay_capacity=8,
+                         learner=config_lib.LearnerConfig(agent="lstm"))
+
+
+def test_env_kwargs_have_one_order():
+  """Python and the CLI (sorted) give the same config for the same kwargs,
+  so a resume from the other compares equal."""
+  config = config_lib.TrainConfig(
+      env_kwargs=(("wrong_reward", 0.0), ("corridor_length", 8)))
+  assert config.env_kwargs == (("corridor_length", 8), ("wrong_reward", 0.0))
+
+
 @pytest.mark.parametrize("agent, ratio", [("ald", 4.0), ("lstm", 0.0),
                                           ("transformer", 0.0),
                                           ("asymmetric", 0.0)])

@@ -56,6 +56,26 @@ def test_resume_appends_and_drops_rows_after_the_checkpoint(tmp_path):
   assert metrics.read_metrics(tmp_path) == [{"env_steps": 1}]
 
 
+def test_resume_skips_a_metrics_line_cut_short_by_a_crash(tmp_path):
+  with metrics.MetricsWriter(tmp_path, formats=("jsonl",)) as writer:
+    for row in _rows(2):
+      writer.write(row)
+  with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
+    f.write('{"env_steps": 300, "wall_ti')   # killed mid-write
+  with metrics.MetricsWriter(tmp_path, formats=("jsonl",), resume=True,
+                             keep_until=("env_steps", 200)) as writer:
+    writer.write({"env_steps": 300})
+  assert [r["env_steps"] for r in metrics.read_metrics(tmp_path)] == [
+      100, 200, 300]
+
+
+def test_a_bad_metrics_line_before_the_last_still_raises(tmp_path):
+  (tmp_path / "metrics.jsonl").write_text('{"env_steps": 1}\n{oops\n'
+                                          '{"env_steps": 2}\n')
+  with pytest.raises(ValueError):
+    metrics.read_metrics(tmp_path)
+
+
 def test_csv_header_widens_for_new_keys(tmp_path):
   with metrics.MetricsWriter(tmp_path, formats=("csv",)) as writer:
     writer.write({"a": 1})

@@ -508,6 +508,15 @@ def test_a_dead_process_is_restarted_with_its_cause_and_polled_once(
     pool._collect(0.0)  # pylint: disable=protected-access
 
 
+@pytest.mark.parametrize("queue_capacity, per_thread", [(8, 4), (1, 1)])
+def test_queue_capacity_is_split_over_the_actor_threads(queue_capacity,
+                                                       per_thread):
+  config = dataclasses.replace(process_run("unused"),
+                               queue_capacity=queue_capacity)
+  pool = run._make_pool(config, _group_spec(lambda i: None, num_actors=2))  # pylint: disable=protected-access
+  assert pool._queue_capacity == per_thread  # pylint: disable=protected-access
+
+
 def test_a_stalled_reply_restarts_its_process_which_is_polled_once(
     monkeypatch):
   """A reply whose thread made no env step for actor_stall_s restarts the

@@ -95,10 +95,11 @@ def test_operational_fields_change_without_a_name():
   new = _config(logdir="elsewhere", resume=True, report_interval_s=1.0,
                 checkpoint_interval_s=7.0, keep_checkpoints=5,
                 max_wall_time_s=60.0)
+  new = dataclasses.replace(new, tensorboard=False)
   allowed = run_dir_lib.check_resume_config(_stored(_config()), new)
   assert set(allowed) == {"logdir", "resume", "report_interval_s",
                           "checkpoint_interval_s", "keep_checkpoints",
-                          "max_wall_time_s"}
+                          "max_wall_time_s", "tensorboard"}
   assert "total_env_steps" not in run_dir_lib.ALWAYS_ALLOWED
 
 
@@ -340,6 +341,14 @@ def test_a_resume_with_a_changed_learning_rate_is_refused_by_the_run(
           for name in ("config.0.json", "config.json")} == before
   assert not (tmp_path / "config.1.json").exists()
   assert not (tmp_path / "metrics.jsonl").exists()
+  # Through the package's API (the CLI's flag table), the refusal names the
+  # flag to pass, and a flag name allows the change.
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"\(--learner_lr\): stored 0.0003, now 0.001\n.*"
+                           r"--resume_allow_change=learner_lr"):
+    train_cli.train(changed)
+  with pytest.raises(config_lib.ConfigError, match="'lr' is neither"):
+    train_cli.train(dataclasses.replace(changed, resume_allow_change=("lr",)))
 
 
 def test_a_resume_into_a_changed_model_names_the_mismatched_leaves(tmp_path):

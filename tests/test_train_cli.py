@@ -53,6 +53,10 @@ def test_flags_reach_nested_fields():
      "--distill_steps_per_rl_step"),
     (["--env_kwargs=[1, 2]"], "env_kwargs"),
     (["--torso_mlp_sizes=a,b"], "--torso_mlp_sizes"),
+    (["--learner_lr=0"], "--learner_lr"),
+    (["--actor_lr=-1"], "--actor_lr"),
+    (["--max_grad_norm=0"], "--max_grad_norm"),
+    (["--replay_capacity=4"], "--replay_capacity"),
 ])
 def test_bad_values_name_the_flag(argv, flag):
   with pytest.raises(app.UsageError, match=flag):
@@ -126,7 +130,12 @@ _CONFIG_FROM_FLAGS = train.config_from_flags
 def _main_with(monkeypatch, tmp_path, outcome, *argv):
   """Runs the CLI's main with run.train replaced by `outcome(config)`."""
   from ald_jax.system import run  # pylint: disable=import-outside-toplevel
-  monkeypatch.setattr(run, "train", outcome)
+
+  def run_train(config, *, flag_paths):
+    # Refused resumes name flags, and flag names may allow changes.
+    assert flag_paths is train.FLAG_PATHS
+    return outcome(config)
+  monkeypatch.setattr(run, "train", run_train)
   flag_values = flags.FlagValues()
   train.define_flags(flag_values)
   flag_values(["prog", f"--logdir={tmp_path}", *argv])

@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 from absl import logging
 import jax
@@ -192,7 +192,9 @@ def _make_pool(cfg: config_lib.TrainConfig, spec: pool_lib.ActorSpec
                ) -> pool_lib.ActorPool:
   if cfg.actors == "processes":
     from ald_jax.system import ray_pool  # pylint: disable=import-outside-toplevel
-    return ray_pool.RayActorPool(spec, cfg)
+    return ray_pool.RayActorPool(
+        spec, cfg, poll_queue_capacity=max(
+            1, cfg.queue_capacity // spec.num_actors))
   return pool_lib.ThreadActorPool(spec, cfg.queue_capacity,
                                   stall_s=cfg.actor_stall_s)
 
@@ -230,13 +232,17 @@ def _write_config(run_dir: str, config: config_lib.TrainConfig,
 
 
 def train(config: config_lib.TrainConfig,
-          env_factory: EnvFactory | None = None) -> RunResult:
+          env_factory: EnvFactory | None = None, *,
+          flag_paths: Mapping[str, str] | None = None) -> RunResult:
   """Runs ALD (or a baseline agent) until `total_env_steps` or a stop.
 
   Args:
     config: the whole run; validated on construction.
     env_factory: `(seed) -> dm_env.Environment`; defaults to the registry's
       `config.env` with `config.env_kwargs`.
+    flag_paths: command-line flag name -> config path (`ald_jax.train`
+      passes its FLAG_TABLE's), so `resume_allow_change` may name flags and
+      a refused resume names the flag to pass.
 
   Returns a RunResult; `stopped_by` is "budget", "wall_time" or
   "signal:NAME" (a first SIGINT/SIGTERM; the final checkpoint is written).
@@ -250,16 +256,18 @@ def train(config: config_lib.TrainConfig,
     raise TypeError(f"config must be a TrainConfig, got {type(config)}")
   cfg, lcfg = config, config.learner
   # ---- everything that can fail on bad input, before any actor starts ----
+  run_dir_lib.resolve_allow_names(cfg.resume_allow_change, flag_paths)
   factory = resolve_env_factory(cfg, env_factory)
   env_info = probe_environment(factory, cfg.seed)
   run_dir = os.path.abspath(cfg.logdir)
   # One run per directory: held until train() returns.
   with run_dir_lib.RunDirLock(run_dir):
-    return _train_locked(cfg, factory, env_info, run_dir)
+    return _train_locked(cfg, factory, env_info, run_dir, flag_paths)
 
 
 def _train_locked(cfg: config_lib.TrainConfig, factory: EnvFactory,
-                  env_info: specs.EnvInfo, run_dir: str) -> RunResult:
+                  env_info: specs.EnvInfo, run_dir: str,
+                  flag_paths: Mapping[str, str] | None) -> RunResult:
   lcfg = cfg.learner
   ckpt_dir = os.path.join(run_dir, CHECKPOINT_DIR)
   has_checkpoints = os.path.isdir(ckpt_dir) and any(
@@ -272,7 +280,7 @@ def _train_locked(cfg: config_lib.TrainConfig, factory: EnvFactory,
     latest = checkpoint_lib.read_latest_metadata(ckpt_dir)
     if latest is not None and "config" in latest[1]:
       run_dir_lib.check_resume_config(latest[1]["config"], cfg,
-                                      cfg.resume_allow_change)
+                                      cfg.resume_allow_change, flag_paths)
   jax.config.update("jax_cpu_enable_async_dispatch", False)
   learner = learner_lib.make_learner(lcfg, env_info.obs_shape,
                                      env_info.num_actions)

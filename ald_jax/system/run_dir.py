@@ -47,6 +47,8 @@ ALWAYS_ALLOWED = (
     "eval_interval_s",        # measurement only (system/evaluation.py)
     "eval_episodes",
     "eval_greedy",
+    "tensorboard",            # a logging switch
+    "ray_address",            # which cluster runs the actor processes
 )
 
 
