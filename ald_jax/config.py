@@ -405,8 +405,9 @@ class TrainConfig:
              self.t_actor_policy in T_ACTOR_POLICIES, "t_actor_policy",
              f"must be one of {T_ACTOR_POLICIES}, got {self.t_actor_policy!r}")
     _positive_int(self.calibration_steps, "calibration_steps")
-    _require(_is_int(self.seed) and self.seed >= 0, "seed",
-             f"must be an integer >= 0, got {self.seed!r}")
+    # JAX keys take int64 seeds; actors derive theirs from seed + 1.
+    _require(_is_int(self.seed) and 0 <= self.seed < 2**63 - 1, "seed",
+             f"must be an integer in [0, 2**63 - 1), got {self.seed!r}")
     _require(isinstance(self.logdir, str) and self.logdir != "", "logdir",
              "must be a non-empty path")
     _positive(self.report_interval_s, "report_interval_s", allow_inf=True)

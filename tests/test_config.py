@@ -68,6 +68,7 @@ def test_coefficients_must_be_finite_numbers(make, field, value):
 
 @pytest.mark.parametrize("changes, field", [
     (dict(seed=True), "seed"), (dict(seed=1.5), "seed"),
+    (dict(seed=2**63), "seed"), (dict(seed=-1), "seed"),
     (dict(resume="yes"), "resume"), (dict(pin_learner=1), "pin_learner"),
     (dict(t_actor_policy=["warn"]), "t_actor_policy"),
     (dict(max_wall_time_s=math.nan), "max_wall_time_s"),

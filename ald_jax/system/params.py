@@ -48,7 +48,9 @@ class ParamsSlot:
     With `copy_to_host` (default) the tree is copied to numpy first (see
     `host_copy`), so the publisher may keep mutating or donating its arrays.
     `version` publishes under a given (newer) number instead of the next one:
-    an actor process mirrors the learner's versions so lags stay exact.
+    an actor process mirrors the learner's versions, so its lags count
+    learner versions (against the newest its last poll brought: a lower
+    bound of the lag behind the learner).
     """
     if copy_to_host:
       params = host_copy(params)
