@@ -212,6 +212,24 @@ def test_an_error_in_the_evaluation_is_reported_with_its_cause():
   assert evaluator.stop(WAIT_S) == []
 
 
+def test_a_failing_close_does_not_replace_the_evaluations_error():
+  class StepAndCloseFail(batched.BatchedEnv):
+    def close(self):
+      raise OSError("close failed too")
+
+  def explode():
+    raise RuntimeError("eval step exploded on purpose")
+
+  evaluator = make_evaluator(make_env=lambda seed: StepAndCloseFail(
+      lambda s: AlternatingEnv(s, on_step=explode), 4, seed))
+  evaluator.start()
+  evaluator.submit({"learner": PERFECT, "actor": WRONG}, 0, 0)
+  assert evaluator.wait_idle(WAIT_S)
+  with pytest.raises(errors.EvaluationError, match="step exploded"):
+    evaluator.check()
+  assert evaluator.stop(WAIT_S) == []
+
+
 def test_stop_abandons_an_endless_evaluation():
   stepping = threading.Event()
   evaluator = make_evaluator(make_env=lambda seed: batched.BatchedEnv(

@@ -150,6 +150,15 @@ class _Window:
       array[:, :self.context + 1] = array[:, self.unroll:].copy()
 
 
+def close_quietly(env: Any, who: str) -> None:
+  """Closes `env` in a `finally`: a failing close is logged, never raised,
+  so it cannot replace the error that ended the loop."""
+  try:
+    env.close()
+  except Exception as error:  # pylint: disable=broad-except
+    logging.warning("%s: env.close() failed: %r", who, error)
+
+
 class ActorThread(threading.Thread):
   """One actor: E envs, jitted CPU acting, unrolls into a bounded queue.
 
@@ -364,11 +373,7 @@ class ActorThread(threading.Thread):
       self._check_env(env)
       self._act_with(env, cpu)
     finally:
-      try:
-        env.close()
-      except Exception as error:  # pylint: disable=broad-except
-        logging.warning("actor %d: env.close() failed: %r", self.actor_id,
-                        error)
+      close_quietly(env, f"actor {self.actor_id}")
 
   def _act_with(self, env: Any, cpu: jax.Device) -> None:
     wait_start = time.perf_counter()

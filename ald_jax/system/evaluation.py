@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ald_jax import learner as learner_lib  # ActorCore, the actor contract
+from ald_jax.system import actor as actor_lib
 from ald_jax.system import errors
 
 Params = Any
@@ -385,7 +386,7 @@ class Evaluator:
             jax.device_put(jax.random.key(seed), cpu),
             should_stop=self._abort.is_set)
       finally:
-        env.close()
+        actor_lib.close_quietly(env, "evaluation")
       if result is None:
         return None
       results[name] = result
