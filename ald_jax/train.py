@@ -314,6 +314,10 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS
     clip = values["learner"]["learner_optimizer"]["max_grad_norm"]
     values["learner"].setdefault("actor_optimizer", {})["max_grad_norm"] = clip
     if not values.get("logdir"):
+      if values.get("resume"):
+        raise config_lib.ConfigError(
+            "resume: needs --logdir, the run directory to continue (without "
+            "it a new, timestamped directory is made: nothing to resume)")
       stamp = datetime.datetime.now(datetime.timezone.utc).strftime(
           "%Y%m%d-%H%M%S")
       values["logdir"] = os.path.join(

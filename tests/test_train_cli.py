@@ -33,7 +33,8 @@ def test_defaults_match_the_config_defaults():
 def test_flags_reach_nested_fields():
   config = parse("--agent=transformer", "--gtrxl_num_layers=2",
                  "--torso_mlp_sizes=32,16", "--env_kwargs={\"corridor_length\": 8}",
-                 "--learner_lr=1e-3", "--max_grad_norm=5", "--resume")
+                 "--learner_lr=1e-3", "--max_grad_norm=5", "--resume",
+                 "--logdir=runs/x")
   assert config.learner.agent == "transformer"
   assert config.distill_steps_per_rl_step == 0.0  # resolved for non-ald agents
   assert config.learner.gtrxl.num_layers == 2
@@ -61,6 +62,11 @@ def test_flags_reach_nested_fields():
 def test_bad_values_name_the_flag(argv, flag):
   with pytest.raises(app.UsageError, match=flag):
     parse(*argv)
+
+
+def test_resume_without_a_logdir_is_refused():
+  with pytest.raises(app.UsageError, match="--resume: needs --logdir"):
+    train.config_from_argv(["--resume"])
 
 
 def test_unknown_agent_is_rejected_by_the_parser():
