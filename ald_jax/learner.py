@@ -78,8 +78,8 @@ class Replay(NamedTuple):
   `teacher` holds the learner's logits/values on each row's T unroll steps as
   computed by the combined step that trained on it (empty when the teacher is
   recomputed); a skipped (non-finite) combined step writes nothing. Rows are
-  overwritten oldest first, so a stored teacher output is at most
-  `capacity / batch_size` applied combined steps old.
+  overwritten oldest first, so a stored teacher output comes from one of the
+  last ceil(capacity / batch_size) applied combined steps.
   """
   rows: types.Batch            # [capacity, C+T+1, ...]
   teacher: Any                 # AgentOutput [capacity, T(, A)] or ()

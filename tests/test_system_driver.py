@@ -135,6 +135,26 @@ def test_failed_distill_only_steps_are_counted():
   assert driver.counters().distill_nonfinite_total == 2
 
 
+def test_no_distill_only_step_runs_before_the_replay_holds_a_row():
+  """The replay starts empty (start, resume) and a skipped combined step
+  writes nothing: the steps due then are dropped, not run on placeholder
+  rows."""
+  learner, calls = fake_learner()
+  driver = driver_lib.LearnerDriver(
+      learner, train_config(distill_steps_per_rl_step=1.0), jax.devices()[0],
+      initial_state())
+  bad = unroll([0, 1], [0, 0])
+  bad = bad.replace(reward=np.full_like(bad.reward, np.nan))
+  result = driver.train(bad)
+  assert (result.applied, result.distill_steps, result.distill_skipped) == (
+      False, 0, 0)
+  assert calls["distill_calls"] == []
+  assert driver.train(unroll([0, 1], [1, 1])).distill_steps == 1
+  # Once rows are held, a skipped combined step keeps the steps due.
+  assert driver.train(bad).distill_steps == 1
+  assert calls["distill_calls"] == [1, 1]
+
+
 def test_the_steps_due_run_as_one_call_and_are_counted_one_by_one():
   learner, calls = fake_learner(distill_nan=lambda k: k in (4, 6))
   driver = driver_lib.LearnerDriver(
@@ -184,7 +204,12 @@ def test_all_steps_of_a_batch_are_queued_before_any_result_is_read():
   driver = driver_lib.LearnerDriver(
       learner, train_config(distill_steps_per_rl_step=4.0), jax.devices()[0],
       initial_state())
-  result = driver.train(unroll([0, 1], [0, 0]))
+  driver.train(unroll([0, 1], [0, 0]))
+  # Only the first batch waits for its combined step: distilling needs the
+  # rows that step writes into the (empty) replay.
+  assert log == ["train", "read", "distill x4"] + ["read"] * 5
+  log.clear()
+  result = driver.train(unroll([0, 1], [1, 1]))
   assert log == ["train", "distill x4"] + ["read"] * 5
   assert result.applied and result.distill_steps == 4
 

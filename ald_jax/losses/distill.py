@@ -54,7 +54,8 @@ def step_weights(teacher_logits: Array, mask: Array, weighting: str) -> Array:
   "uniform": all 1. "teacher_confidence": 1 - H(pi_teacher) / log A (0 for a
   uniform teacher, 1 for a deterministic one), normalised to mean 1 over the
   valid steps, so the steps where the teacher has decided weigh more (in a
-  recall task, the decision step) without changing the loss scale.
+  recall task, the decision step) without changing the loss scale. A teacher
+  uniform on every valid step has nothing to teach: all weights are 0 then.
   """
   if weighting == "uniform":
     return jnp.ones(mask.shape, jnp.float32)

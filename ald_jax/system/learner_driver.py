@@ -141,6 +141,9 @@ class LearnerDriver:
     self._schedule = replay_lib.DistillSchedule(ratio)
     self._replay = (jax.device_put(learner.init_replay(config.replay_capacity),
                                    device) if ratio > 0 else None)
+    # The replay is not checkpointed: it starts empty, and only an applied
+    # combined step writes rows into it.
+    self._replay_holds_rows = False
     # One jitted call copies the actor parameters out of the (donated)
     # learner state: fresh buffers the actors may keep.
     self._copy_actor_params = jax.jit(lambda s: jax.tree_util.tree_map(
@@ -202,6 +205,9 @@ class LearnerDriver:
     # The distill-only steps due run as one call, dispatched before any
     # result is read; one device_get reads every non-finite flag.
     due = self._schedule.steps_due()
+    if due and not self._replay_holds_rows and float(
+        jax.device_get(metrics["nonfinite"])) != 0:
+      due = 0  # nothing to sample yet: distilling needs a trained row
     distill_metrics = None
     if due:
       self._state, distill_metrics = self._learner.replay_distill_steps(
@@ -211,6 +217,7 @@ class LearnerDriver:
          distill_metrics["nonfinite"] if due else np.zeros(0, np.float32)))
     applied = float(nonfinite) == 0
     if applied:
+      self._replay_holds_rows = True
       self._consecutive_nonfinite = 0
       self._counts["learner_steps"] += 1
       self._last_metrics = metrics
