@@ -321,6 +321,8 @@ class TrainConfig:
   total_env_steps: int = 500_000   # default I-Maze: >= 90% success by ~150k
   # Distill-only steps per combined step (float; None: ALD_DISTILL_STEPS for
   # "ald", the only agent with a separate actor, and 0 for the others).
+  # Resolved at construction: `dataclasses.replace` that changes the agent
+  # keeps the old agent's value unless it passes None again.
   distill_steps_per_rl_step: float | None = None
   replay_capacity: int = 256          # unroll rows kept for distill-only steps
   # Unrolls in flight between actors and learner (processes: split over
