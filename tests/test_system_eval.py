@@ -244,6 +244,24 @@ def test_stop_abandons_an_endless_evaluation():
   assert evaluator.metrics()["eval/evaluations"] == 0
 
 
+@pytest.mark.timeout(60)
+def test_a_stop_request_ends_the_wait_for_a_final_evaluation():
+  """A stop signal during the final evaluation (an endless one here) does
+  not wait out its long deadline."""
+  stepping, stop = threading.Event(), threading.Event()
+  evaluator = make_evaluator(make_env=lambda seed: batched.BatchedEnv(
+      lambda s: AlternatingEnv(s, length=None, on_step=stepping.set), 2,
+      seed))
+  evaluator.start()
+  evaluator.submit({"learner": PERFECT, "actor": WRONG}, 0, 0)
+  assert stepping.wait(WAIT_S)
+  threading.Timer(0.2, stop.set).start()
+  assert not evaluator.evaluate_now({"learner": PERFECT, "actor": WRONG}, 0,
+                                    0, timeout_s=3600.0,
+                                    should_stop=stop.is_set)
+  assert evaluator.stop(WAIT_S, finish_s=0.0) == []
+
+
 def test_stop_lets_a_pending_evaluation_finish():
   evaluator = make_evaluator()
   evaluator.start()

@@ -260,15 +260,28 @@ class Evaluator:
     return True
 
   def evaluate_now(self, params: dict[str, Params], env_steps: int,
-                   learner_steps: int, timeout_s: float) -> bool:
+                   learner_steps: int, timeout_s: float,
+                   should_stop: Callable[[], bool] = lambda: False) -> bool:
     """Evaluates `params` whatever the interval and waits for the result
     (after any evaluation in progress); False if it did not finish within
-    `timeout_s` (it may still finish, or be abandoned by `stop`)."""
+    `timeout_s` or `should_stop()` turned true meanwhile (checked every
+    0.1 s: a stop signal does not wait for it). It may still finish, or be
+    abandoned by `stop`."""
     deadline = time.monotonic() + timeout_s
-    if not (self.started and self.wait_idle(timeout_s) and
+
+    def wait() -> bool:
+      while not should_stop():
+        left = deadline - time.monotonic()
+        if self.wait_idle(min(0.1, max(0.0, left))):
+          return True
+        if left <= 0:
+          return False
+      return False
+
+    if not (self.started and wait() and
             self._hand_over(params, env_steps, learner_steps)):
       return False
-    return self.wait_idle(max(0.0, deadline - time.monotonic()))
+    return wait()
 
   def check(self) -> None:
     """Raises EvaluationError (cause chained) if the evaluation failed."""

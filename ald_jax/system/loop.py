@@ -153,7 +153,7 @@ class LearnerLoop:
     return self._evaluator.evaluate_now(
         params, env_steps=self.env_steps(),
         learner_steps=self._driver.counters().learner_steps,
-        timeout_s=timeout_s)
+        timeout_s=timeout_s, should_stop=self._stop_requested.is_set)
 
   def _train_on(self, unroll: Any) -> None:
     if self._batcher is None:
