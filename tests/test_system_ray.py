@@ -127,6 +127,24 @@ def test_actor_group_one_failing_thread_stops_the_group_naming_it():
     group.stop(JOIN_S)
 
 
+def test_a_restarted_process_builds_its_envs_from_new_seeds():
+  """Incarnation 0 asks make_env(i) as thread mode does; a restart asks for
+  its incarnation, and the run's make_env gives those envs fresh seeds."""
+  asked = []
+  spec = _group_spec(lambda *args: asked.append(args), num_actors=2)
+  for incarnation in (0, 3):
+    group = ray_pool.ActorGroup([0, 1], spec, FAKE_CORE, seeds=[1, 2],
+                                cores=[None, None], queue_capacity=2,
+                                incarnation=incarnation)
+    for thread in group.threads:
+      thread._make_env()  # pylint: disable=protected-access
+  assert asked == [(0,), (1,), (0, 3), (1, 3)]
+  seeds = {run._actor_seed(5, 1, 0, incarnation)  # pylint: disable=protected-access
+           for incarnation in range(3)}
+  assert len(seeds) == 3
+  assert run._actor_seed(5, 1, 0) == run._actor_seed(5, 1, 0, 0)  # pylint: disable=protected-access
+
+
 @pytest.mark.timeout(300)
 def test_processes_act_get_params_are_trained_on_and_shut_down(
     tmp_path, monkeypatch):

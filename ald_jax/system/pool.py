@@ -64,7 +64,9 @@ class ActorSpec:
                t_actor_budget_ms: float | None,
                env_info: specs_lib.EnvInfo | None,
                nonfinite_obs: str = "error"):
-    self.make_env = make_env          # actor_id -> batched env (in thread)
+    # (actor_id[, incarnation]) -> batched env, built in the actor's thread;
+    # a restarted actor process asks with its restart count (fresh seeds).
+    self.make_env = make_env
     self.core = core
     self.num_actors = num_actors
     self.envs_per_actor = envs_per_actor

@@ -21,8 +21,8 @@ Faults: a process is one unit. One that dies (kill -9, out of memory) or
 makes no progress for `actor_stall_s` (any of its threads stuck in an
 environment, or the whole process unresponsive) is killed and started again,
 all its threads with the same stream ids (their streams start fresh
-episodes; `unroll_index` restarts at 0, so the learner treats them as new
-streams). Restarts are counted (`actor_restarts`, `process{p}_restarts`);
+episodes, from environment and action seeds of that incarnation;
+`unroll_index` restarts at 0, so the learner treats them as new streams). Restarts are counted (`actor_restarts`, `process{p}_restarts`);
 past `max_actor_restarts` the run stops with an error naming the process,
 its actors and its last failure (a stall names the stuck thread's actor). An
 exception inside an environment stops the run as in thread mode, naming the
@@ -115,7 +115,9 @@ class ActorGroup:
   """The actor threads of one actor process, run and reported as one unit.
 
   Thread k acts as actor `actor_ids[k]` (its envs, seed and stream ids are
-  the ones that actor has in thread mode) pinned to `cores[k]`. The threads
+  the ones that actor has in thread mode; a restarted process, `incarnation`
+  > 0, asks `spec.make_env` for that incarnation's envs) pinned to
+  `cores[k]`. The threads
   share one parameter slot, one unroll queue and one stop event: a thread
   that fails stops its siblings, and the error names the failing actor.
   Plain threads, no Ray: `_ActorProcess` wraps it in a Ray actor.
@@ -124,7 +126,7 @@ class ActorGroup:
   def __init__(self, actor_ids: Sequence[int], spec: pool_lib.ActorSpec,
                core: learner_lib.ActorCore, seeds: Sequence[int],
                cores: Sequence[frozenset[int] | None], queue_capacity: int,
-               poll_s: float = 0.1):
+               poll_s: float = 0.1, incarnation: int = 0):
     if not actor_ids or not len(actor_ids) == len(seeds) == len(cores):
       raise ValueError(f"one seed and one core set per actor id, got "
                        f"{len(actor_ids)} ids, {len(seeds)} seeds, "
@@ -134,10 +136,15 @@ class ActorGroup:
     self._slot = params_lib.ParamsSlot()
     self._queue: queue_lib.Queue = queue_lib.Queue(
         maxsize=queue_capacity * len(actor_ids))
+
+    def env_maker(actor_id: int):
+      if incarnation:  # a restarted process: fresh environment seeds
+        return lambda: spec.make_env(actor_id, incarnation)
+      return lambda: spec.make_env(actor_id)
+
     self.threads = [
         actor_lib.ActorThread(
-            actor_id, lambda i=actor_id: spec.make_env(i), core, self._slot,
-            self._queue, self._stop, self._errors,
+            actor_id, env_maker(actor_id), core, self._slot, self._queue, self._stop, self._errors,
             unroll_length=spec.unroll_length,
             context_length=spec.context_length, seed=seed, cores=thread_cores,
             t_actor_budget_ms=spec.t_actor_budget_ms,
@@ -201,7 +208,7 @@ class _ActorProcess:
   def __init__(self, actor_ids: Sequence[int], spec_blob: bytes,
                learner_config: Any, env_info: Any, seeds: Sequence[int],
                cores: Sequence[frozenset[int] | None] | None,
-               queue_capacity: int):
+               queue_capacity: int, incarnation: int = 0):
     import jax  # pylint: disable=import-outside-toplevel
     from ray import cloudpickle  # pylint: disable=import-outside-toplevel
     jax.config.update("jax_cpu_enable_async_dispatch", False)
@@ -213,7 +220,7 @@ class _ActorProcess:
                                       len(actor_ids), offset=actor_ids[0])
     self._ray = _import_ray()
     self._group = ActorGroup(actor_ids, spec, core, seeds, cores,
-                             queue_capacity)
+                             queue_capacity, incarnation=incarnation)
     self._group.start()
     self._node_id = self._ray.get_runtime_context().get_node_id()
     self._version = 0
@@ -337,7 +344,7 @@ class RayActorPool:
     seeds = [spec.seed_for(i) + 7919 * slot.restarts for i in slot.actor_ids]
     slot.handle = self._remote_class.remote(
         slot.actor_ids, self._spec_blob, cfg.learner, spec.env_info, seeds,
-        cores, self._queue_capacity)
+        cores, self._queue_capacity, slot.restarts)
     slot.last = None
     slot.pending = None
     self._poll(slot)

@@ -105,10 +105,14 @@ def probe_environment(env_factory: EnvFactory, seed: int) -> specs.EnvInfo:
       logging.warning("closing the probed environment failed: %r", error)
 
 
-def _actor_seed(base_seed: int, actor_id: int, segment: int) -> int:
-  # Distinct, reproducible streams per actor and per resumed segment.
-  return int(np.random.SeedSequence([base_seed, actor_id, segment])
-             .generate_state(1)[0])
+def _actor_seed(base_seed: int, actor_id: int, segment: int,
+                incarnation: int = 0) -> int:
+  # Distinct, reproducible streams per actor, per resumed segment and per
+  # restart of an actor process (incarnation 0 keeps the seeds of runs that
+  # never restarted one).
+  entropy = [base_seed, actor_id, segment] + ([incarnation] if incarnation
+                                              else [])
+  return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 class _StopSignals:
@@ -320,8 +324,9 @@ def _train_locked(cfg: config_lib.TrainConfig, factory: EnvFactory,
 
   # ---- the running system --------------------------------------------------
   spec = pool_lib.ActorSpec(
-      make_env=lambda i: batched_lib.BatchedEnv(
-          factory, cfg.envs_per_actor, _actor_seed(cfg.seed, i, segment)),
+      make_env=lambda i, incarnation=0: batched_lib.BatchedEnv(
+          factory, cfg.envs_per_actor,
+          _actor_seed(cfg.seed, i, segment, incarnation)),
       core=core, num_actors=cfg.num_actors, envs_per_actor=cfg.envs_per_actor,
       unroll_length=lcfg.unroll_length, context_length=lcfg.learner_context,
       seed_for=functools.partial(_seed_for_actor, cfg.seed, segment),
