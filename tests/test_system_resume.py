@@ -151,6 +151,10 @@ def test_resume_continues_from_the_checkpoint(tmp_path, first_states):
   assert second.final_row["env_steps"] >= 2 * n
   assert second.final_row["learner_steps"] > metadata["learner_steps"]
   assert second.final_row["distill_steps"] > metadata["distill_steps"]
+  assert 0 < metadata["episodes_total"] <= first.final_row["episodes_total"]
+  assert all(row["episodes_total"] >= metadata["episodes_total"]
+             for row in metrics_lib.read_metrics(second.run_dir)[
+                 len(rows_first):])
   assert int(second.state.step) == second.final_row["learner_steps"]
   # (Every learner step moved the state's counter: none were non-finite.)
   assert second.final_row["nonfinite_total"] == 0

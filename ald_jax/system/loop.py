@@ -33,7 +33,8 @@ class LearnerLoop:
     driver: the learner side (learner_driver.LearnerDriver).
     write_row: called with each report row (metrics file + progress line).
     save_checkpoint: called with (learner_step, host_state, metadata).
-    env_offset / wall_offset / segment: where a resumed run continues.
+    env_offset / wall_offset / segment / episodes_offset: where a resumed
+      run continues.
     evaluator: an `evaluation.Evaluator` (started by the caller), or None.
     eval_params: learner state -> the evaluator's `{policy: params}`.
   """
@@ -43,6 +44,7 @@ class LearnerLoop:
                *, write_row: Callable[[dict[str, Any]], None],
                save_checkpoint: Callable[[int, Any, dict[str, Any]], None],
                env_offset: int = 0, wall_offset: float = 0.0,
+               episodes_offset: int = 0,
                segment: int = 0, poll_s: float = 0.1,
                evaluator: Any = None,
                eval_params: Callable[[Any], dict[str, Any]] | None = None):
@@ -63,6 +65,7 @@ class LearnerLoop:
     self.stop_reason: str | None = None  # "budget", "wall_time", "signal:..."
     self.phases = timing.PhaseTimer()
     self._episodes = metrics_lib.EpisodeWindow(size=200)
+    self._episodes.total = episodes_offset  # finished in earlier segments
     self._rate = metrics_lib.RateMeter()
     self._batcher: Any = None  # chosen from the first unroll's fields
     # Rows each actor contributed to RL steps (stream id // E is the actor).
@@ -110,8 +113,10 @@ class LearnerLoop:
 
   def checkpoint(self) -> None:
     """Saves the learner state with the counters a resume continues from."""
+    self._episodes.extend(self._pool.drain_episodes())
     metadata = dict(self._driver.checkpoint_metadata(),
                     env_steps=self.env_steps(),
+                    episodes_total=self._episodes.total,
                     wall_time_s=self.wall_offset + self.elapsed_s(),
                     segment=self.segment)
     with self.phases.phase("checkpoint"):

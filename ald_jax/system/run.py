@@ -350,6 +350,7 @@ def _train_locked(cfg: config_lib.TrainConfig, factory: EnvFactory,
   loop = loop_lib.LearnerLoop(
       cfg, pool, driver, write_row=write_row,
       save_checkpoint=save_checkpoint, env_offset=env_offset,
+      episodes_offset=int(metadata.get("episodes_total", 0)),
       wall_offset=float(metadata.get("wall_time_s", 0.0)), segment=segment,
       evaluator=evaluator,
       eval_params=(functools.partial(evaluation.eval_params, learner)
