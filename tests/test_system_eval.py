@@ -230,7 +230,8 @@ def test_a_failing_close_does_not_replace_the_evaluations_error():
   assert evaluator.stop(WAIT_S) == []
 
 
-def test_stop_abandons_an_endless_evaluation():
+def endless_evaluation():
+  """A started evaluator whose first evaluation never ends (it has begun)."""
   stepping = threading.Event()
   evaluator = make_evaluator(make_env=lambda seed: batched.BatchedEnv(
       lambda s: AlternatingEnv(s, length=None, on_step=stepping.set), 2,
@@ -238,6 +239,11 @@ def test_stop_abandons_an_endless_evaluation():
   evaluator.start()
   evaluator.submit({"learner": PERFECT, "actor": WRONG}, 0, 0)
   assert stepping.wait(WAIT_S)
+  return evaluator
+
+
+def test_stop_abandons_an_endless_evaluation():
+  evaluator = endless_evaluation()
   # No time to finish: abandoned at its next step, well before the deadline.
   assert evaluator.stop(WAIT_S, finish_s=0.0) == []
   evaluator.check()
@@ -248,13 +254,7 @@ def test_stop_abandons_an_endless_evaluation():
 def test_a_stop_request_ends_the_wait_for_a_final_evaluation():
   """A stop signal during the final evaluation (an endless one here) does
   not wait out its long deadline."""
-  stepping, stop = threading.Event(), threading.Event()
-  evaluator = make_evaluator(make_env=lambda seed: batched.BatchedEnv(
-      lambda s: AlternatingEnv(s, length=None, on_step=stepping.set), 2,
-      seed))
-  evaluator.start()
-  evaluator.submit({"learner": PERFECT, "actor": WRONG}, 0, 0)
-  assert stepping.wait(WAIT_S)
+  evaluator, stop = endless_evaluation(), threading.Event()
   threading.Timer(0.2, stop.set).start()
   assert not evaluator.evaluate_now({"learner": PERFECT, "actor": WRONG}, 0,
                                     0, timeout_s=3600.0,
