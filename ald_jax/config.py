@@ -82,6 +82,12 @@ def _nested(value: Any, expected: type, field: str) -> None:
            f"must be a {expected.__name__}, got {value!r}")
 
 
+# The observation ranks the torso takes: vector [D] and grid [H, W, C]
+# (environments flatten rank 2, envs/specs.py). Here, not in types.py, so that
+# ald_jax.envs stays numpy-only.
+OBS_RANKS = (1, 3)
+
+
 @dataclasses.dataclass(frozen=True)
 class TorsoConfig:
   """Observation encoder shared by actor and learner designs.

@@ -216,7 +216,7 @@ def make_learner(config: config_lib.LearnerConfig,
   if not isinstance(config, config_lib.LearnerConfig):
     raise TypeError(f"config must be a LearnerConfig, got {type(config)}")
   obs_shape = tuple(int(d) for d in obs_shape)
-  if len(obs_shape) not in types.OBS_RANKS:
+  if len(obs_shape) not in config_lib.OBS_RANKS:
     raise config_lib.ConfigError(
         f"observation shape {obs_shape}: the torso takes vector [D] or grid "
         "[H, W, C] observations; flatten other shapes in the environment")

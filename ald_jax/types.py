@@ -26,10 +26,6 @@ import chex
 import flax.struct
 import numpy as np
 
-# The observation ranks the networks' torso takes: vector [D] and grid
-# [H, W, C] (environments flatten rank 2, envs/specs.py).
-OBS_RANKS = (1, 3)
-
 Array = chex.Array
 Params = Any
 

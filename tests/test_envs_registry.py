@@ -1,4 +1,7 @@
 """Registry, spec validation and FlattenObservation: plugging in any dm_env."""
+import subprocess
+import sys
+
 import dm_env
 from dm_env import specs
 import numpy as np
@@ -214,3 +217,13 @@ def test_flatten_observation_makes_rank_2_usable_in_batched_env():
 def test_flatten_observation_rejects_non_numeric_leaf():
   with pytest.raises(UnsupportedEnvironmentError, match="obs/x|observation/x"):
     FlattenObservation(SpecEnv(obs_spec={"x": specs.Array((1,), np.str_)}))
+
+
+def test_the_environments_import_without_jax():
+  """ald_jax.envs is numpy-only: actor-side and user code that only builds
+  environments does not pay for importing JAX and Flax."""
+  code = ("import sys, ald_jax.envs, ald_jax.envs.imaze, ald_jax.envs.batched;"
+          "print(sorted(m for m in ('jax', 'flax', 'chex') if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                       text=True, check=True)
+  assert out.stdout.strip() == "[]", out.stdout

@@ -24,10 +24,11 @@ import dm_env
 from dm_env import specs
 import numpy as np
 
-from ald_jax import types
+from ald_jax import config as config_lib
 
 FLATTENED_OBS_RANK = 2   # flattened to a vector for the torso
-SUPPORTED_OBS_RANKS = tuple(sorted((*types.OBS_RANKS, FLATTENED_OBS_RANK)))
+SUPPORTED_OBS_RANKS = tuple(sorted((*config_lib.OBS_RANKS,
+                                    FLATTENED_OBS_RANK)))
 
 _LOGGED: set[str] = set()
 

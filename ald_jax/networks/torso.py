@@ -11,8 +11,8 @@ import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ald_jax.config import OBS_RANKS as SUPPORTED_OBS_NDIMS
 from ald_jax.config import TorsoConfig
-from ald_jax.types import OBS_RANKS as SUPPORTED_OBS_NDIMS
 
 
 class Torso(nn.Module):
