@@ -614,8 +614,10 @@ def aggregate(runs: Sequence[GridRun], *, name: str, results_dir: str,
                          "error": failed.get(run.run_dir)})
   plot_paths = []
   by_task: dict[str, dict[str, list[str]]] = {}
-  for run in runs:
-    if os.path.exists(os.path.join(run.run_dir, metrics_lib.JSONL_NAME)):
+  finished = {record["run_dir"] for record in records}
+  for run in runs:  # the runs the summary counts: a failed or half-copied
+    # run would cut its group's seed band short
+    if run.run_dir in finished:
       by_task.setdefault(run.task_label, {}).setdefault(
           run.curve_label, []).append(run.run_dir)
   for task_label, groups in by_task.items():

@@ -507,3 +507,33 @@ def test_aggregate_only_summarises_a_grid_run_elsewhere(tmp_path):
   assert len(summary["unfinished"]) == 3
   # Nothing trained: only the finished run's directory exists.
   assert os.listdir(grid_dir) == [os.path.basename(finished.run_dir)]
+
+
+def test_plots_draw_only_the_runs_the_summary_counts(tmp_path, monkeypatch):
+  """A failed or half-copied run (metrics, no grid_run.json) is listed as
+  unfinished and left out of its group's seed band, which it would cut to
+  its short x range."""
+  finished, failed = pc.plan_grid(grid_dir=str(tmp_path / "grid"),
+                                  **dict(GRID, agents=["ald"]))
+  for run, last in ((finished, 500), (failed, 50)):
+    with metrics_lib.MetricsWriter(run.run_dir, formats=("jsonl",),
+                                   tensorboard=False) as writer:
+      for steps in range(10, last + 1, 10):
+        writer.write({"env_steps": steps, "wall_time_s": steps / 100,
+                      "success_rate": 1.0 if steps >= 200 else 0.3,
+                      "episode_return": 0.0})
+  with open(os.path.join(finished.run_dir, pc.RUN_JSON), "w") as f:
+    f.write("{}")
+  plotted = {}
+
+  def plot_seed_bands(groups, out_path, **kwargs):
+    del kwargs
+    plotted.update(groups)
+    return out_path
+  monkeypatch.setattr(pc.plot, "plot_seed_bands", plot_seed_bands)
+  summary, _ = pc.aggregate([finished, failed], name="partial",
+                            results_dir=str(tmp_path / "results"),
+                            threshold=0.9, threshold_metric="success_rate",
+                            grid={}, command="test")
+  assert len(summary["runs"]) == 1 and len(summary["unfinished"]) == 1
+  assert list(plotted.values()) == [[finished.run_dir]]
