@@ -22,8 +22,9 @@ makes no progress for `actor_stall_s` (any of its threads stuck in an
 environment, or the whole process unresponsive) is killed and started again,
 all its threads with the same stream ids (their streams start fresh
 episodes, from environment and action seeds of that incarnation;
-`unroll_index` restarts at 0, so the learner treats them as new streams). Restarts are counted (`actor_restarts`, `process{p}_restarts`);
-past `max_actor_restarts` the run stops with an error naming the process,
+`unroll_index` restarts at 0, so the learner treats them as new streams).
+Restarts are counted (`actor_restarts`, `process{p}_restarts`); past
+`max_actor_restarts` the run stops with an error naming the process,
 its actors and its last failure (a stall names the stuck thread's actor). An
 exception inside an environment stops the run as in thread mode, naming the
 process and the failing thread's actor. `stop` ends every process; Ray itself
@@ -144,7 +145,8 @@ class ActorGroup:
 
     self.threads = [
         actor_lib.ActorThread(
-            actor_id, env_maker(actor_id), core, self._slot, self._queue, self._stop, self._errors,
+            actor_id, env_maker(actor_id), core, self._slot, self._queue,
+            self._stop, self._errors,
             unroll_length=spec.unroll_length,
             context_length=spec.context_length, seed=seed, cores=thread_cores,
             t_actor_budget_ms=spec.t_actor_budget_ms,
