@@ -508,14 +508,13 @@ def make_learner(config: config_lib.LearnerConfig,
     warm; a cold batch may repeat one, and which write wins is unknown).
     """
     if uses_memory and isinstance(memory, SegmentMemory):
-      rows_memory = _rows(memory, batch.stream_id) if warm else None
+      rows_memory = _rows(memory, batch.stream_id)
       new_state, metrics, teacher, next_memory, finite = update(
-          state, batch, rows_memory)
+          state, batch, rows_memory if warm else None)
       # A skipped (non-finite) update leaves the memory as it was (cold
       # too: a NaN there must not wait for a later warm read).
       memory = _set_rows(memory, batch.stream_id,
-                         _select(finite, next_memory,
-                                 _rows(memory, batch.stream_id)))
+                         _select(finite, next_memory, rows_memory))
     else:
       new_state, metrics, teacher, _, finite = update(state, batch)
     metrics["learner/warm"] = jnp.asarray(float(warm and uses_memory))

@@ -254,8 +254,7 @@ def _parse_value(flag: _Flag, raw: Any) -> Any:
       ) from None
   if flag.name == "resume_allow_change":
     names = [name.strip() for name in str(raw).split(",") if name.strip()]
-    return run_dir_lib.resolve_allow_names(
-        names, {f.name: f.path for f in FLAG_TABLE})
+    return run_dir_lib.resolve_allow_names(names, FLAG_PATHS)
   if flag.name == "env_kwargs":
     try:
       kwargs = json.loads(raw) if raw else {}

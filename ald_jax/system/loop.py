@@ -89,7 +89,7 @@ class LearnerLoop:
   def row(self, stopped_by: str = "") -> dict[str, Any]:
     """One metrics row: actors, episodes, learner counters and metrics."""
     cfg = self._config
-    self._episodes.extend(self._pool.drain_episodes())
+    self._collect_episodes()
     row: dict[str, Any] = {"agent": cfg.learner.agent, "env": cfg.env,
                            "stopped_by": stopped_by,
                            "wall_time_s": self.wall_offset + self.elapsed_s()}
@@ -111,9 +111,12 @@ class LearnerLoop:
       row.update(self._evaluator.metrics())
     return row
 
+  def _collect_episodes(self) -> None:
+    self._episodes.extend(self._pool.drain_episodes())
+
   def checkpoint(self) -> None:
     """Saves the learner state with the counters a resume continues from."""
-    self._episodes.extend(self._pool.drain_episodes())
+    self._collect_episodes()
     metadata = dict(self._driver.checkpoint_metadata(),
                     env_steps=self.env_steps(),
                     episodes_total=self._episodes.total,

@@ -275,6 +275,13 @@ class _Slot:
     return self.env_steps_before + now
 
 
+def _reply_error(slot: _Slot, reply: PollReply) -> errors.RunError:
+  """The run's error for an actor failure a process reported."""
+  return errors.RunError(
+      f"run stopped by an error in {slot.name}, pid {reply.pid}: "
+      f"{reply.error}", reply.error_traceback)
+
+
 class RayActorPool:
   """Actor processes under Ray; see the module doc. Builds nothing until
   `start`. Process p runs actors p*N .. p*N+N-1 (N:
@@ -397,9 +404,7 @@ class RayActorPool:
     """Takes a reply's unrolls and episodes; True if it restarted the
     process (a stalled thread)."""
     if reply.error is not None:
-      raise errors.RunError(
-          f"run stopped by an error in {slot.name}, pid {reply.pid}: "
-          f"{reply.error}", reply.error_traceback)
+      raise _reply_error(slot, reply)
     slot.last = reply
     if reply.pid not in slot.pids:
       slot.pids.append(reply.pid)
@@ -445,17 +450,18 @@ class RayActorPool:
     stall_s = self._config.actor_stall_s
     if not stall_s:
       return
-    pending = [slot.pending for slot in self._slots if slot.pending is not None]
+    now = time.monotonic()
+    overdue = [slot for slot in self._slots if slot.pending is not None and
+               now - slot.pending_since > stall_s + (
+                   STARTUP_GRACE_S if slot.last is None else 0.0)]
+    if not overdue:
+      return
     # A reply that is ready but not yet collected (the learner was busy:
     # compiling, checkpointing) is an answer, not a stall.
-    answered, _ = (self._ray.wait(pending, num_returns=len(pending), timeout=0)
-                   if pending else ([], None))
-    answered = set(answered)
-    now = time.monotonic()
-    for slot in self._slots:
-      limit_s = stall_s + (STARTUP_GRACE_S if slot.last is None else 0.0)
-      if (slot.pending is not None and slot.pending not in answered
-          and now - slot.pending_since > limit_s):
+    answered, _ = self._ray.wait([slot.pending for slot in overdue],
+                                 num_returns=len(overdue), timeout=0)
+    for slot in overdue:
+      if slot.pending not in answered:
         self._restart(slot, f"unresponsive for {now - slot.pending_since:.0f} "
                       f"s (--actor_stall_s={stall_s:g})")
 
@@ -507,9 +513,7 @@ class RayActorPool:
       except Exception:  # pylint: disable=broad-except
         continue  # a dead process: nothing it reported is left
       if reply is not None and reply.error is not None:
-        return errors.RunError(
-            f"run stopped by an error in {slot.name}, pid {reply.pid}: "
-            f"{reply.error}", reply.error_traceback)
+        return _reply_error(slot, reply)
     return None
 
   def raise_error(self) -> None:
