@@ -10,8 +10,10 @@ the grid, and the next call resumes it from its checkpoint and finishes.
 import io
 import json
 import os
+import random
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -537,3 +539,17 @@ def test_plots_draw_only_the_runs_the_summary_counts(tmp_path, monkeypatch):
                             grid={}, command="test")
   assert len(summary["runs"]) == 1 and len(summary["unfinished"]) == 1
   assert list(plotted.values()) == [[finished.run_dir]]
+
+
+def test_the_threshold_figure_overshoots_by_up_to_a_report_interval():
+  """experiments/threshold_quantization.py: the first row at or above the
+  threshold favours the slower agent, and the bias vanishes with the
+  report interval."""
+  from experiments import threshold_quantization as tq  # pylint: disable=import-outside-toplevel
+  rng = random.Random(0)
+  coarse = tq.ratios(2874.0, 3920.0, 10.0, 240_000, 200, rng)
+  fine = tq.ratios(2874.0, 3920.0, 0.05, 240_000, 20, rng)
+  assert 0.95 < statistics.mean(coarse) < 1.0
+  assert abs(statistics.mean(fine) - 1.0) < 1e-3
+  # One row of the faster agent is the most either figure can overshoot.
+  assert min(coarse) > 1 - 10.0 * 3920.0 / 240_000
