@@ -1,8 +1,8 @@
 """Single-step acting latency of the agent networks on CPU (T_actor).
 
-Measured the way actor threads run (SPEC section 3): a thread pins itself to
-one core (`os.sched_setaffinity(0, {core})`), JAX runs with synchronous CPU
-dispatch, the step is a plain `jax.jit` of a pure function of
+Measured the way actor threads run (docs/design.md, "System"): a thread
+pins itself to one core (`os.sched_setaffinity(0, {core})`), JAX runs with
+synchronous CPU dispatch, the step is a plain `jax.jit` of a pure function of
 (params, obs, step_type, state) with params already on the CPU device, the
 observation arrives as a fresh numpy array and every call is timed until its
 outputs are ready.
