@@ -196,7 +196,7 @@ class VTraceConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
-  """Actor-learner distillation coefficients (SPEC section 1).
+  """Actor-learner distillation coefficients (docs/design.md, "Losses").
 
   Defaults chosen by measurement (experiments/results/
   distill_weighting_cue_recall_2026-11-26_cpu2_summary.json: Cue Recall spans
@@ -312,7 +312,7 @@ class LearnerConfig:
 ALD_DISTILL_STEPS = 4.0
 
 T_ACTOR_POLICIES = ("refuse", "warn")
-ACTOR_MODES = ("threads", "processes")
+ACTOR_MODES = ("threads", "processes", "ray")
 NONFINITE_OBS_POLICIES = ("error", "mask")
 
 
@@ -355,17 +355,29 @@ class TrainConfig:
   tensorboard: bool = True
   max_consecutive_nonfinite: int = 10
   max_wall_time_s: float = 0.0        # 0: no wall-clock limit
-  # Where actors run: "threads" in this process, "processes" in Ray actor
-  # processes (needs `pip install 'ald_jax[ray]'`).
+  # Where actors run: "threads" in this process, "processes" in local actor
+  # processes on this host (system/process_pool.py, standard library only),
+  # "ray" in Ray actor processes, local or on a cluster (needs
+  # `pip install 'ald_jax[ray]'`).
   actors: str = "threads"
-  ray_address: str = ""               # "": start a local Ray; HOST:PORT joins
+  ray_address: str = ""               # ray: "" a local Ray; HOST:PORT joins
   actor_stall_s: float = 300.0        # no actor progress this long: stalled (0: off)
-  max_actor_restarts: int = 3         # process mode: restarts before the run fails
-  # Process mode: actor threads per Ray actor process (`num_actors` counts
-  # threads, so num_actors / threads_per_actor_process processes). A process
-  # asks Ray for this many CPUs and pins one thread per core it is given.
+  max_actor_restarts: int = 3         # actor process restarts before failing
+  # processes, ray: actor threads per actor process (`num_actors` counts
+  # threads, so num_actors / threads_per_actor_process processes). Each
+  # thread is pinned to its own assigned cores; a Ray process asks Ray for
+  # this many CPUs.
   threads_per_actor_process: int = 1
   nonfinite_obs: str = "error"        # "error" stops the run; "mask" zeroes, counts
+  # Actors get new parameters every publish_every_steps learner steps, at
+  # most once per publish_interval_s; the host copy never stalls the loop.
+  publish_every_steps: int = 1
+  publish_interval_s: float = 0.02
+  # JAX's persistent compilation cache: a second run or a --resume with the
+  # same shapes loads its executables instead of compiling them.
+  compilation_cache: bool = True
+  # "": $ALD_JAX_CACHE_DIR, else ~/.cache/ald_jax/xla (system/compile_cache.py)
+  compilation_cache_dir: str = ""
   # The learner-actor gap (system/evaluation.py): every eval_interval_s
   # seconds (0: off) a CPU thread plays eval_episodes episodes with the
   # learner acting alone and with the actor, on its own environments.
@@ -434,17 +446,17 @@ class TrainConfig:
              f"must be one of {ACTOR_MODES}, got {self.actors!r}")
     _require(isinstance(self.ray_address, str), "ray_address",
              f"must be a string (HOST:PORT or empty), got {self.ray_address!r}")
-    _require(self.ray_address == "" or self.actors == "processes",
-             "ray_address", "needs actors='processes' (--actors=processes)")
+    _require(self.ray_address == "" or self.actors == "ray",
+             "ray_address", "needs actors='ray' (--actors=ray)")
     _non_negative(self.actor_stall_s, "actor_stall_s")
     _require(isinstance(self.max_actor_restarts, int)
              and not isinstance(self.max_actor_restarts, bool)
              and self.max_actor_restarts >= 0, "max_actor_restarts",
              f"must be an integer >= 0, got {self.max_actor_restarts!r}")
     _positive_int(self.threads_per_actor_process, "threads_per_actor_process")
-    _require(self.threads_per_actor_process == 1 or self.actors == "processes",
-             "threads_per_actor_process",
-             "needs actors='processes' (--actors=processes)")
+    _require(self.threads_per_actor_process == 1 or
+             self.actors in ("processes", "ray"), "threads_per_actor_process",
+             "needs actors='processes' or 'ray' (--actors=processes|ray)")
     _require(self.num_actors % self.threads_per_actor_process == 0,
              "threads_per_actor_process",
              f"must divide num_actors ({self.num_actors}): every actor process "
@@ -453,6 +465,12 @@ class TrainConfig:
     _require(self.nonfinite_obs in NONFINITE_OBS_POLICIES, "nonfinite_obs",
              f"must be one of {NONFINITE_OBS_POLICIES}, got "
              f"{self.nonfinite_obs!r}")
+    _positive_int(self.publish_every_steps, "publish_every_steps")
+    _non_negative(self.publish_interval_s, "publish_interval_s")
+    _bool(self.compilation_cache, "compilation_cache")
+    _require(isinstance(self.compilation_cache_dir, str),
+             "compilation_cache_dir",
+             f"must be a path or empty, got {self.compilation_cache_dir!r}")
     _non_negative(self.eval_interval_s, "eval_interval_s")
     _positive_int(self.eval_episodes, "eval_episodes")
     _bool(self.eval_greedy, "eval_greedy")

@@ -7,7 +7,7 @@ with separate optax optimizers (and, for V-MPO, a third one for the Lagrange
 duals). Stop-gradients isolate the parameter sets, so one backward pass of the
 summed loss gives each set exactly its own gradient (tests check this).
 
-Two ways to read history before an unroll (SPEC section 1, issue 7):
+Two ways to read history before an unroll (docs/design.md, "Memory"):
   * `step` (cold): the transformer re-reads the row's C context steps.
   * `train_step(..., warm=True)`: Transformer-XL's recurrence. A
     `SegmentMemory` per environment stream keeps every layer's inputs at the
@@ -18,7 +18,7 @@ The actor's LSTM always re-runs over the whole row from the state recorded at
 its first step (`Batch.actor_state`), with gradients through the last
 `actor_context` context steps: how far back the actor can learn to remember.
 
-Agents (SPEC section 3) are rows of one table, `AGENT_SPECS`.
+Agents (docs/design.md, "Agents") are rows of one table, `AGENT_SPECS`.
 """
 from __future__ import annotations
 
@@ -209,6 +209,20 @@ def next_segment_memory(previous: SegmentMemory, layer_inputs: Array,
   return jax.lax.stop_gradient(SegmentMemory(inputs, steps, valid))
 
 
+def lstm_actor_core(lstm_net: policy_value.LSTMPolicyValueNet) -> ActorCore:
+  """The lean acting core of an LSTM actor (`make_learner`'s, and what the
+  actor sizing ladder calibrates at each width)."""
+  def lstm_step(params, observation, step_type, state, rng):
+    logits, new_state = lstm_net.apply(params, observation, step_type,
+                                       state, method="act")
+    action = jax.random.categorical(rng, logits).astype(jnp.int32)
+    return action, logits, new_state
+  return ActorCore(
+      initial_state=lambda batch_size: policy_value.pack_lstm_state(
+          lstm_net.initial_state(batch_size)),
+      step=lstm_step, recorded_state=policy_value.unpack_lstm_state)
+
+
 def make_learner(config: config_lib.LearnerConfig,
                  obs_shape: tuple[int, ...],
                  num_actions: int) -> Learner:
@@ -340,13 +354,11 @@ def make_learner(config: config_lib.LearnerConfig,
         teacher.value[:, :unroll], actor_out.value[:, :unroll])
     weights = distill.step_weights(teacher_logits, mask,
                                    cfg.distill.step_weighting)
-    policy_term = common.masked_mean(policy_kl * weights, mask)
-    value_term = common.masked_mean(value_sq * weights, mask)
-    total = (cfg.distill.policy_cost * policy_term +
-             cfg.distill.value_cost * value_term)
-    return total, {"distill/policy_kl": common.masked_mean(policy_kl, mask),
-                   "distill/value_loss": common.masked_mean(value_sq, mask),
-                   "distill/loss": total}
+    terms = distill.distillation_metrics(policy_kl, value_sq, weights, mask)
+    total = (cfg.distill.policy_cost * terms["policy_kl_weighted"] +
+             cfg.distill.value_cost * terms["value_loss_weighted"])
+    metrics = {f"distill/{name}": value for name, value in terms.items()}
+    return total, dict(metrics, **{"distill/loss": total})
 
   def losses_with_memory(learner_params, actor_params, target_params,
                          batch: types.Batch, memory=None):
@@ -499,25 +511,39 @@ def make_learner(config: config_lib.LearnerConfig,
                   size=jnp.zeros((), jnp.int32))
 
   def train_step(state: LearnerState, memory, replay: Replay | None,
-                 batch: types.Batch, warm: bool):
+                 batch: types.Batch, warm: bool,
+                 previous_nonfinite: Array | float = 0.0):
     """The system's combined step: segment memory in and out, replay add.
 
     `warm` (static): every row's stream has a valid memory (its previous
     unroll was the last one trained); else every row re-reads its context.
     Rows are addressed by `batch.stream_id` (each stream at most once when
     warm; a cold batch may repeat one, and which write wins is unknown).
+    `previous_nonfinite` (traced scalar): a pipelined caller dispatches a
+    warm step before it has read whether the previous step over the same
+    streams was applied; that step's `nonfinite` flag, passed here, sends a
+    warm step down the cold path on the device when it was skipped (its
+    memory rows then hold the unroll before), as a serial caller would.
     """
     if uses_memory and isinstance(memory, SegmentMemory):
       rows_memory = _rows(memory, batch.stream_id)
-      new_state, metrics, teacher, next_memory, finite = update(
-          state, batch, rows_memory if warm else None)
+      if warm:
+        warm_path = jnp.asarray(previous_nonfinite) == 0
+        new_state, metrics, teacher, next_memory, finite = jax.lax.cond(
+            warm_path, lambda: update(state, batch, rows_memory),
+            lambda: update(state, batch, None))
+      else:
+        warm_path = jnp.asarray(False)
+        new_state, metrics, teacher, next_memory, finite = update(
+            state, batch, None)
       # A skipped (non-finite) update leaves the memory as it was (cold
       # too: a NaN there must not wait for a later warm read).
       memory = _set_rows(memory, batch.stream_id,
                          _select(finite, next_memory, rows_memory))
     else:
+      warm_path = jnp.asarray(False)
       new_state, metrics, teacher, _, finite = update(state, batch)
-    metrics["learner/warm"] = jnp.asarray(float(warm and uses_memory))
+    metrics["learner/warm"] = warm_path.astype(jnp.float32)
     if replay is not None:
       # Only rows the learner trained on enter the replay: a skipped step's
       # rows (and their possibly non-finite teacher) are not written.
@@ -614,15 +640,7 @@ def make_learner(config: config_lib.LearnerConfig,
                                           cfg.gtrxl),
           step=gtrxl_step, recorded_state=lambda state: ())
 
-    def lstm_step(params, observation, step_type, state, rng):
-      logits, new_state = lstm_net.apply(params, observation, step_type,
-                                         state, method="act")
-      action = jax.random.categorical(rng, logits).astype(jnp.int32)
-      return action, logits, new_state
-    return ActorCore(
-        initial_state=lambda batch_size: policy_value.pack_lstm_state(
-            lstm_net.initial_state(batch_size)),
-        step=lstm_step, recorded_state=policy_value.unpack_lstm_state)
+    return lstm_actor_core(lstm_net)
 
   actor_kind = "lstm" if spec.distills else spec.policy
 

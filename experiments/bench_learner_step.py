@@ -51,15 +51,14 @@ observations of 36), acting is skipped and it prints instead:
 """
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_acting  # pylint: disable=wrong-import-position
+import bench_output  # pylint: disable=wrong-import-position
 
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
@@ -399,11 +398,7 @@ def measure_gtrxl_alone(num_steps: int, config: config_lib.LearnerConfig,
 def run_header(device: str) -> dict:
   """What every result starts with: the command, date, machine, versions."""
   return {
-      "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-          timespec="seconds"),
-      "machine": f"{platform.processor() or platform.machine()}, "
-                 f"{os.cpu_count()} cores",
+      **bench_output.header(),
       "device": device,
       "jax_version": jax.__version__,
   }

@@ -2,9 +2,11 @@
 
 Each agent runs for a fixed wall-clock budget; rates are steady-state (from
 the first report after --warmup_learner_steps learner steps to the last), so
-compile time is excluded: the learner compiles its variants (context re-read,
-segment memory, distill-only step) on its first steps, ~25 s each on a 2-core
-CPU and ~20 s on an H200. Prints one JSON object:
+start-up is excluded: the run compiles its step variants before the actors
+start (minutes on a 2-core CPU with a cold compilation cache, seconds with
+a warm one), and the first steps still fill the queue and the replay. The
+`<agent>_learner_frac_*` shares are of the whole run, compiles included, so
+they need not add up to 1. Prints one JSON object:
 
   <agent>_env_sps            env steps/s end to end (learner in the loop)
   <agent>_actor_sps          env steps per second of actor time not spent
@@ -17,16 +19,16 @@ CPU and ~20 s on an H200. Prints one JSON object:
                              measured alone in a pinned thread, in this run
   <agent>_learner_frac_<phase>  the learner loop's share of the run's time
                              per phase (step, publish, wait_batch, ...)
-  actors                     "threads" or "processes" (--actors)
+  actors                     "threads", "processes" (local actor processes)
+                             or "ray" (Ray actor processes) (--actors)
 
     python experiments/bench_system.py --seconds_per_agent=60 --preset=default
-    python experiments/bench_system.py --actors=processes   # needs ald_jax[ray]
+    python experiments/bench_system.py --actors=processes   # no Ray needed
+    python experiments/bench_system.py --actors=ray         # needs ald_jax[ray]
 """
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 
@@ -43,17 +45,26 @@ from ald_jax.system import actor as actor_lib
 from ald_jax.system import affinity
 from ald_jax.system import run
 
+import bench_output  # pylint: disable=g-bad-import-order
+
 _SECONDS = flags.DEFINE_float("seconds_per_agent", 60.0,
                               "Wall-clock budget per agent (after start-up).")
 _PRESET = flags.DEFINE_enum(
-    "preset", "default", ["default", "small"],
-    "default: the library's default sizes; small: the CI learning-test sizes.")
+    "preset", "default", ["default", "small", "large"],
+    "default: the library's default sizes; small: the CI learning-test "
+    "sizes; large: bench_learner_step's --shape=large (GTrXL 4 x 256, "
+    "M = T = C = 64), where acting with the transformer costs most.")
+_PIN_LEARNER = flags.DEFINE_bool(
+    "pin_learner", False, "Confine the learner to the cores actors do not "
+    "use (with --actors=processes --num_actors=1 on 2 cores: learner on core "
+    "0, the actor process on core 1).")
 _AGENTS = flags.DEFINE_list("agents", list(config_lib.AGENTS), "Agents to run.")
 _NUM_ACTORS = flags.DEFINE_integer("num_actors", 2, "Actor threads.")
 _ENVS = flags.DEFINE_integer("envs_per_actor", 8, "Environments per actor.")
 _OUT = flags.DEFINE_string("out", "", "Also write the JSON here.")
 _ACTORS = flags.DEFINE_enum("actors", "threads", list(config_lib.ACTOR_MODES),
-                            "Actor threads in this process or Ray processes.")
+                            "Actor threads in this process, local actor "
+                            "processes, or Ray actor processes.")
 _LEARNER_MEMORY = flags.DEFINE_enum(
     "learner_memory", "cached", list(config_lib.LEARNER_MEMORIES),
     "How the transformer reads history: segment memory or context re-read "
@@ -71,6 +82,15 @@ _ALONE_CALLS = flags.DEFINE_integer(
 
 
 def learner_config(agent: str, preset: str) -> config_lib.LearnerConfig:
+  if preset == "large":
+    return dataclasses.replace(
+        config_lib.LearnerConfig(
+            agent=agent, learner_memory=_LEARNER_MEMORY.value,
+            unroll_length=64, learner_context=64, batch_size=16,
+            torso=config_lib.TorsoConfig(conv_channels=(), mlp_sizes=(256,)),
+            gtrxl=config_lib.GTrXLConfig(num_layers=4, d_model=256,
+                                         num_heads=8, mlp_size=256,
+                                         memory_length=64)))
   if preset == "default":
     return config_lib.LearnerConfig(agent=agent,
                                     learner_memory=_LEARNER_MEMORY.value)
@@ -128,7 +148,7 @@ def bench_agent(agent: str, workdir: str) -> dict:
       t_actor_policy="warn", report_interval_s=2.0,
       checkpoint_interval_s=10**6, logdir=os.path.join(workdir, agent),
       max_wall_time_s=_SECONDS.value + 60.0,  # + start-up and compile
-      actors=_ACTORS.value,
+      actors=_ACTORS.value, pin_learner=_PIN_LEARNER.value,
       # No learner-actor gap evaluation: its thread would share the
       # learner's process and cores with what is measured here.
       eval_interval_s=0.0)
@@ -167,17 +187,15 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   result = {
-      "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-          timespec="seconds"),
-      "machine": f"{platform.processor() or platform.machine()}, "
-                 f"{os.cpu_count()} cores",
+      **bench_output.header(),
       "device": str(jax.devices()[0]),
       "preset": _PRESET.value,
       "seconds_per_agent": _SECONDS.value,
       "num_actors": _NUM_ACTORS.value,
       "envs_per_actor": _ENVS.value,
       "actors": _ACTORS.value,
+      "pin_learner": _PIN_LEARNER.value,
+      "load_average_at_start": os.getloadavg()[0],
       "learner_memory": _LEARNER_MEMORY.value,
       "warmup_learner_steps": _WARMUP_STEPS.value,
   }
@@ -187,11 +205,7 @@ def main(argv):
       # Echoed at once: a run cut short by a time limit keeps what it measured.
       print(json.dumps(figures), file=sys.stderr, flush=True)
       result.update(figures)
-  text = json.dumps(result, indent=2)
-  print(text)
-  if _OUT.value:
-    with open(_OUT.value, "w", encoding="utf-8") as f:
-      f.write(text + "\n")
+  bench_output.emit(result, _OUT.value, indent=2)
 
 
 if __name__ == "__main__":

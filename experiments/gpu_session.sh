@@ -6,6 +6,8 @@
 #   bash experiments/gpu_session.sh bench   # versions, learner-step benchmarks, a GPU test
 #   bash experiments/gpu_session.sh system  # versions, end-to-end ALD vs transformer, cached vs recompute
 #   bash experiments/gpu_session.sh grid    # memory-span grid: 8 runs at a time, 2 pinned cores each
+#   bash experiments/gpu_session.sh wallclock  # the learner loop's device-busy share and ALD vs
+#                                              # transformer end to end, local actor processes (no Ray)
 #
 # The machine's image has jax/flax/optax/chex/orbax; the few missing wheels
 # (dm-env, dm-tree, tensorboardX; attrs, wrapt and pytest's xdist and
@@ -15,7 +17,8 @@
 #
 #   bash experiments/gpu_session.sh wheels  # ~1.6 MB, Python 3.11-3.13
 #
-# Ray (80 MB) does not fit the transfer limit, so runs use actor threads.
+# Ray (80 MB) does not fit the transfer limit: runs use actor threads or the
+# local actor processes (--actors=processes, standard library only).
 # Outputs go to $OUT.
 set -u
 if [ "${1:-}" = wheels ]; then
@@ -134,6 +137,36 @@ system() {
     > /dev/null 2> "$OUT/bench_system_recompute.err"
   echo "bench_system recompute rc=$? at $(( $(date +%s) - START )) s"
   grep -h '^{' "$OUT"/*.err | cut -c1-300
+}
+
+# Wall-clock (issue: ALD saves wall-clock): bench_loop with 14 local actor
+# processes beside the loop, then ALD and the transformer agent end to end
+# with 14 actor processes x 16 envs, at the default and the large shape (ALD
+# at 1 distill-only step per RL step, then at training's 4 at the large
+# shape if time is left). One call: ~11 minutes; each part is cut by the
+# time left, and echoes its JSON to stderr as it comes.
+wallclock() {
+  versions
+  local procs="--actors=processes --num_actors=14 --envs_per_actor=16"
+  timeout "$(left 90)" python3 experiments/bench_loop.py $procs --seconds=10 \
+    --distill_ms=3 --out="$OUT/bench_loop_processes.json" \
+    > /dev/null 2> "$OUT/bench_loop_processes.err"
+  echo "bench_loop rc=$? at $(( $(date +%s) - START )) s"
+  local preset
+  for preset in default large; do
+    timeout "$(left 200)" python3 experiments/bench_system.py $procs \
+      --agents=ald,transformer --preset=$preset --seconds_per_agent=40 \
+      --alone_calls=2000 --ald_distill_steps=1 \
+      --out="$OUT/bench_system_processes_$preset.json" \
+      > /dev/null 2> "$OUT/bench_system_processes_$preset.err"
+    echo "bench_system $preset rc=$? at $(( $(date +%s) - START )) s"
+  done
+  timeout "$(left 100)" python3 experiments/bench_system.py $procs \
+    --agents=ald --preset=large --seconds_per_agent=40 --alone_calls=2000 \
+    --out="$OUT/bench_system_processes_large_ald4.json" \
+    > /dev/null 2> "$OUT/bench_system_processes_large_ald4.err"
+  echo "bench_system large ald ratio 4 rc=$? at $(( $(date +%s) - START )) s"
+  grep -h '^{' "$OUT"/*.err | cut -c1-400
 }
 
 # One grid slot: runs its jobs one after another on cores $1,$1+1.

@@ -110,7 +110,7 @@ def test_driver_compiles_every_variant_with_the_first_batch():
       distill_steps_per_rl_step=1.0, replay_capacity=4)
   driver = learner_driver.LearnerDriver(
       learner, train_cfg, jax.devices()[0],
-      learner.init(jax.random.PRNGKey(0), stream_rows(2, 0)))
+      learner.init(jax.random.PRNGKey(0), stream_rows(2, 0)), pipelined=False)
   compiles = []
 
   def count(event, duration_s, **kwargs):
@@ -335,3 +335,64 @@ def test_distillation_window_teaches_a_memory_longer_than_the_unroll(
     assert agreement >= 0.95, agreement
   else:
     assert agreement < 0.8, agreement
+
+
+def _rows_of(streams, k, nan=False) -> types.Batch:
+  """Unroll k of the given streams (of 4), optionally with a NaN."""
+  rows = jax.tree.map(lambda x: x[np.asarray(streams)],
+                      stream_rows(4, k, seed=0))
+  if nan:
+    obs = rows.observation.copy()
+    obs[0, -2] = np.nan
+    rows = rows.replace(observation=obs)
+  return rows
+
+
+# Streams {0,1} and {2,3} in turn and together: warm steps over the previous
+# step's streams and over others, a skipped step followed by a warm step over
+# its streams (sent warm before its flag is read), and by one over others.
+PIPELINE_SEQUENCE = (
+    ((0, 1), 0, False), ((2, 3), 0, False), ((0, 1), 1, False),
+    ((0, 1), 2, False), ((0, 1), 3, True), ((0, 1), 4, False),
+    ((2, 3), 1, False), ((2, 3), 2, True), ((0, 1), 5, False),
+    ((2, 3), 3, False), ((2, 3), 4, False), ((1, 2), 6, False))
+
+
+def test_the_pipelined_driver_computes_what_the_serial_one_does():
+  """Same batches, same parameters, memory, replay and counters; each result
+  one call later. Skipped steps are skipped, counted, and send the next warm
+  step over their streams down the cold path on the device."""
+  cfg = memory_config()
+  learner = learner_lib.make_learner(cfg, (OBS_DIM,), NUM_ACTIONS)
+  train_cfg = config_lib.TrainConfig(
+      learner=cfg, num_actors=1, envs_per_actor=4,
+      distill_steps_per_rl_step=1.0, replay_capacity=4,
+      max_consecutive_nonfinite=3)
+  init = jax.device_get(learner.init(jax.random.PRNGKey(0),
+                                    _rows_of((0, 1), 0)))
+  outcome = {}
+  for pipelined in (False, True):
+    driver = learner_driver.LearnerDriver(
+        learner, train_cfg, jax.devices()[0], init, pipelined=pipelined)
+    results = [driver.train(_rows_of(*step)) for step in PIPELINE_SEQUENCE]
+    results.append(driver.flush())
+    if pipelined:
+      assert results[0] is None
+      results = results[1:]
+    else:
+      assert results[-1] is None
+      results = results[:-1]
+    outcome[pipelined] = (results, driver.counters(), driver.host_state(),
+                          driver.host_buffers())
+  serial, piped = outcome[False], outcome[True]
+  assert piped[0] == serial[0]
+  assert [r.applied for r in serial[0]] == [
+      not nan for _, _, nan in PIPELINE_SEQUENCE]
+  # k=4 after the skipped k=3: cold; {2,3} k=3 after the skipped k=2: cold.
+  assert [r.warm for r in serial[0]] == [
+      False, False, True, True, True, False, True, True, True, False, True,
+      False]
+  assert piped[1] == serial[1]
+  assert serial[1].nonfinite_total == 2
+  chex.assert_trees_all_close(piped[2], serial[2], rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(piped[3], serial[3], rtol=1e-6, atol=1e-6)

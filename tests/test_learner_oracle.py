@@ -365,6 +365,8 @@ def expected_losses(learner, state, target_params, batch, view_fn=unroll_view):
       weights = confidence / max(masked_mean(confidence, mask), 1e-6)
     else:
       weights = np.ones_like(policy_kl)
+    out["distill/policy_kl_weighted"] = masked_mean(policy_kl * weights, mask)
+    out["distill/value_loss_weighted"] = masked_mean(value_sq * weights, mask)
     out["distill/loss"] = (d.policy_cost * masked_mean(policy_kl * weights,
                                                        mask) +
                            d.value_cost * masked_mean(value_sq * weights,
@@ -449,7 +451,8 @@ def test_distill_only_step_matches_oracle():
   expected = expected_losses(learner, state, state.target_params, batch)
   own_copy = jax.tree_util.tree_map(np.array, state)  # distill_step donates
   _, metrics = learner.distill_step(own_copy, batch)
-  for name in ("distill/policy_kl", "distill/value_loss"):
+  for name in ("distill/policy_kl", "distill/value_loss",
+               "distill/policy_kl_weighted", "distill/value_loss_weighted"):
     np.testing.assert_allclose(float(metrics[name]), expected[name],
                                rtol=2e-5, atol=2e-6, err_msg=name)
 

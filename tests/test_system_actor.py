@@ -14,7 +14,7 @@ from ald_jax.envs import specs as specs_lib
 from ald_jax.system import actor as actor_lib
 from ald_jax.system import affinity
 from ald_jax.system import params as params_lib
-from ald_jax.system import queue as queue_utils
+from ald_jax.system import errors as errors_lib
 from ald_jax.system import timing
 
 NUM_ACTIONS = 3
@@ -123,7 +123,7 @@ class Harness(NamedTuple):
   slot: params_lib.ParamsSlot
   queue: queue.Queue
   stop: threading.Event
-  errors: queue_utils.ErrorHolder
+  errors: errors_lib.ErrorHolder
 
 
 def _make_actor(make_env, *, unroll=4, context=3, maxsize=8, cores=None,
@@ -133,7 +133,7 @@ def _make_actor(make_env, *, unroll=4, context=3, maxsize=8, cores=None,
     slot.publish(_params(1.0))
   q = queue.Queue(maxsize=maxsize)
   stop = threading.Event()
-  errors = queue_utils.ErrorHolder(stop)
+  errors = errors_lib.ErrorHolder(stop)
   actor = actor_lib.ActorThread(
       actor_id, make_env, FAKE_CORE, slot, q, stop, errors,
       unroll_length=unroll, context_length=context, seed=7, cores=cores,
@@ -416,19 +416,9 @@ def test_calibrate_core_refuses_impossible_budget_and_warns():
   assert summary.window == 20 and summary.over_budget == 20
 
 
-def test_stop_aware_queue_helpers_and_error_holder():
-  q = queue.Queue(maxsize=1)
+def test_error_holder_keeps_the_first_error_and_stops_the_run():
   stop = threading.Event()
-  assert queue_utils.put_until_stopped(q, "a", stop, poll_s=0.01)
-  threading.Timer(0.05, stop.set).start()
-  assert not queue_utils.put_until_stopped(q, "b", stop, poll_s=0.01)
-  assert queue_utils.drain(q) == 1
-  assert queue_utils.get_until_stopped(q, stop, poll_s=0.01) is None
-  stop.clear()
-  threading.Timer(0.05, lambda: q.put("c")).start()
-  assert queue_utils.get_until_stopped(q, stop, poll_s=0.01) == "c"
-
-  errors = queue_utils.ErrorHolder(stop)
+  errors = errors_lib.ErrorHolder(stop)
   assert errors.message() == "" and not stop.is_set()
   for where, error in (("actor 1", KeyError("first")),
                        ("learner", ValueError("second"))):
@@ -466,7 +456,7 @@ def _make_actor_with(make_env, **kwargs) -> Harness:
   slot.publish(_params(1.0))
   q = queue.Queue(maxsize=8)
   stop = threading.Event()
-  errors = queue_utils.ErrorHolder(stop)
+  errors = errors_lib.ErrorHolder(stop)
   actor = actor_lib.ActorThread(
       0, make_env, FAKE_CORE, slot, q, stop, errors, unroll_length=4,
       context_length=0, seed=7, poll_s=0.02, **kwargs)

@@ -1,5 +1,6 @@
 """LearnerDriver: the one learner call per batch, with a fake learner."""
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -41,7 +42,8 @@ class FakeLearner(NamedTuple):
 def fake_learner(distill_nan=lambda k: False, uses_memory=False):
   calls = {"distill": 0, "warm": [], "distill_calls": []}
 
-  def train_step(state, memory, replay, batch, warm):
+  def train_step(state, memory, replay, batch, warm, previous_nonfinite=0.0):
+    del previous_nonfinite
     calls["warm"].append(warm)
     bad = jnp.any(jnp.isnan(batch.reward)).astype(jnp.float32)
     if uses_memory:
@@ -68,6 +70,11 @@ def fake_learner(distill_nan=lambda k: False, uses_memory=False):
   return learner, calls
 
 
+# Each result read before `train` returns (the pipelined driver reports it
+# one call later; tests below compare the two).
+serial_driver = functools.partial(driver_lib.LearnerDriver, pipelined=False)
+
+
 def train_config(**changes):
   base = config_lib.TrainConfig(
       learner=config_lib.LearnerConfig(batch_size=2), num_actors=1,
@@ -81,7 +88,7 @@ def initial_state():
 
 
 def test_counts_steps_distill_schedule_and_publishes_copies():
-  driver = driver_lib.LearnerDriver(fake_learner()[0], train_config(),
+  driver = serial_driver(fake_learner()[0], train_config(),
                                     jax.devices()[0], initial_state())
   results = [driver.train(unroll([0, 1], [k, k])) for k in range(4)]
   # ratio 0.5: a distill-only step after every second combined step.
@@ -101,7 +108,7 @@ def test_counts_steps_distill_schedule_and_publishes_copies():
 
 
 def test_restored_counters_continue():
-  driver = driver_lib.LearnerDriver(
+  driver = serial_driver(
       fake_learner()[0], train_config(distill_steps_per_rl_step=0.0),
       jax.devices()[0], initial_state(),
       counters={"learner_steps": 7, "distill_steps": 3, "env_steps": 99})
@@ -110,7 +117,7 @@ def test_restored_counters_continue():
 
 
 def test_nonfinite_combined_steps_skip_then_stop():
-  driver = driver_lib.LearnerDriver(
+  driver = serial_driver(
       fake_learner()[0], train_config(distill_steps_per_rl_step=0.0),
       jax.devices()[0], initial_state())
   bad = unroll([0, 1], [0, 0])
@@ -125,7 +132,7 @@ def test_nonfinite_combined_steps_skip_then_stop():
 
 
 def test_failed_distill_only_steps_are_counted():
-  driver = driver_lib.LearnerDriver(
+  driver = serial_driver(
       fake_learner(distill_nan=lambda k: k % 2 == 0)[0],
       train_config(distill_steps_per_rl_step=1.0), jax.devices()[0],
       initial_state())
@@ -140,7 +147,7 @@ def test_no_distill_only_step_runs_before_the_replay_holds_a_row():
   writes nothing: the steps due then are dropped, not run on placeholder
   rows."""
   learner, calls = fake_learner()
-  driver = driver_lib.LearnerDriver(
+  driver = serial_driver(
       learner, train_config(distill_steps_per_rl_step=1.0), jax.devices()[0],
       initial_state())
   bad = unroll([0, 1], [0, 0])
@@ -157,7 +164,7 @@ def test_no_distill_only_step_runs_before_the_replay_holds_a_row():
 
 def test_the_steps_due_run_as_one_call_and_are_counted_one_by_one():
   learner, calls = fake_learner(distill_nan=lambda k: k in (4, 6))
-  driver = driver_lib.LearnerDriver(
+  driver = serial_driver(
       learner, train_config(distill_steps_per_rl_step=3.0), jax.devices()[0],
       initial_state())
   results = [driver.train(unroll([0, 1], [k, k])) for k in range(2)]
@@ -189,8 +196,8 @@ def test_all_steps_of_a_batch_are_queued_before_any_result_is_read():
       log.append("read")
       return 0.0
 
-  def train_step(state, memory, replay, batch, warm):
-    del batch, warm
+  def train_step(state, memory, replay, batch, warm, previous_nonfinite=0.0):
+    del batch, warm, previous_nonfinite
     log.append("train")
     return state, memory, replay, {"nonfinite": Flag()}
 
@@ -201,7 +208,7 @@ def test_all_steps_of_a_batch_are_queued_before_any_result_is_read():
 
   learner = fake_learner()[0]._replace(
       train_step=train_step, replay_distill_steps=replay_distill_steps)
-  driver = driver_lib.LearnerDriver(
+  driver = serial_driver(
       learner, train_config(distill_steps_per_rl_step=4.0), jax.devices()[0],
       initial_state())
   driver.train(unroll([0, 1], [0, 0]))
@@ -216,7 +223,7 @@ def test_all_steps_of_a_batch_are_queued_before_any_result_is_read():
 
 def test_cached_memory_goes_warm_after_each_streams_previous_unroll():
   learner, calls = fake_learner(uses_memory=True)
-  driver = driver_lib.LearnerDriver(
+  driver = serial_driver(
       learner, train_config(distill_steps_per_rl_step=0.0, envs_per_actor=2),
       jax.devices()[0], initial_state())
   for k in range(3):

@@ -25,7 +25,7 @@ from ald_jax.system import errors
 from ald_jax.system import evaluation
 from ald_jax.system import run
 
-from test_system_run import actor_threads_alive, tiny_run  # pylint: disable=wrong-import-order
+from helpers import actor_threads_alive, tiny_run  # pylint: disable=wrong-import-order
 
 WAIT_S = 120.0  # generous bound on a wait that must not hang
 

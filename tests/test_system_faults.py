@@ -19,10 +19,9 @@ from ald_jax import metrics as metrics_lib
 from ald_jax.envs import imaze
 from ald_jax.envs import specs
 from ald_jax.system import errors
-from ald_jax.system import loop as loop_lib
 from ald_jax.system import run
 
-from test_system_run import actor_threads_alive, tiny_run  # pylint: disable=wrong-import-order
+from helpers import actor_threads_alive, jump_clock_when, tiny_run  # pylint: disable=wrong-import-order
 
 
 class WrappedIMaze(dm_env.Environment):
@@ -71,15 +70,6 @@ class Hang:
 
   def factory(self, seed):
     return WrappedIMaze(seed, self)
-
-
-def jump_clock_when(monkeypatch, jump_s: float, condition) -> None:
-  """The learner loop's clock runs `jump_s` ahead while `condition()` holds:
-  a wall-time limit falls at a chosen moment, whatever the machine's speed."""
-  elapsed_s = loop_lib.LearnerLoop.elapsed_s
-  monkeypatch.setattr(
-      loop_lib.LearnerLoop, "elapsed_s",
-      lambda loop: elapsed_s(loop) + (jump_s if condition() else 0.0))
 
 
 def _release_and_join(hang: Hang):
@@ -315,7 +305,7 @@ SECOND_SIGINT_SCRIPT = textwrap.dedent("""
     from absl import logging
     from ald_jax.system import run
     from test_system_faults import Hang
-    from test_system_run import tiny_run
+    from helpers import tiny_run
     logging.set_verbosity(logging.INFO)
     hang = Hang(announce=True)
     config = tiny_run({logdir!r}, agent="lstm", total_env_steps=10**8,

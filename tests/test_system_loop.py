@@ -45,6 +45,8 @@ class SilentPool:
 class IdleDriver:
   """A learner side that was never given a batch."""
 
+  device = None  # no device: its memory is not in the rows
+
   def counters(self):
     return driver_lib.DriverCounters(
         **{name: 0 for name in driver_lib.DriverCounters._fields})
@@ -60,6 +62,9 @@ class IdleDriver:
 
   def train(self, batch):
     raise AssertionError("no batch ever came")
+
+  def actor_params(self):
+    raise AssertionError("nothing was trained, nothing to publish")
 
 
 @pytest.mark.timeout(60)
@@ -79,6 +84,9 @@ def test_wall_time_reports_and_checkpoints_run_while_no_unroll_comes():
   assert all(row["env_steps"] == 40 and row["learner_steps"] == 0
              for row in rows)
   assert all(step == 0 and meta["env_steps"] == 40 for step, meta in saves)
+  # Every row carries the process's resident memory (this is Linux).
+  assert all(row["rss_mb"] > 10 for row in rows)
+  assert all("device_memory_mb" not in row for row in rows)
 
 
 @pytest.mark.timeout(60)

@@ -96,3 +96,98 @@ def test_publish_under_a_given_version():
   assert slot.publish({"w": np.ones(2)}) == 6
   with pytest.raises(ValueError, match="not newer"):
     slot.publish({"w": np.ones(2)}, version=6)
+
+
+class RecordingPool:
+  """Keeps what `Publisher` hands over, numbering versions like a slot."""
+
+  def __init__(self):
+    self.received = []
+
+  @property
+  def params_version(self):
+    return len(self.received)
+
+  def start(self, params):
+    self.publish(params)
+
+  def publish(self, params):
+    self.received.append(params)
+    return len(self.received)
+
+
+class FakeClock:
+  def __init__(self):
+    self.now = 0.0
+
+  def __call__(self):
+    return self.now
+
+
+def learner_params(value):
+  return lambda: {"w": jnp.full(3, float(value()))}
+
+
+def test_publisher_hands_over_host_arrays_every_k_steps():
+  pool, step = RecordingPool(), [0]
+  publisher = params_lib.Publisher(pool, learner_params(lambda: step[0]),
+                                   every_steps=3)
+  pool.start(publisher.start())
+  publisher.started(pool.params_version)
+  for _ in range(10):
+    step[0] += 1
+    publisher.step()
+  publisher.poll()
+  assert all(isinstance(p["w"], np.ndarray) for p in pool.received)
+  # Versions 1 (start), then the copies made at steps 3, 6, 9.
+  assert [float(p["w"][0]) for p in pool.received] == [0.0, 3.0, 6.0, 9.0]
+  assert len(pool.received) - 1 <= 10 // 3
+  assert publisher.age_steps(pool.params_version) == 1  # made at 9, now 10
+  assert publisher.age_steps(1) == 10
+
+
+def test_publisher_waits_out_its_minimum_interval():
+  pool, clock = RecordingPool(), FakeClock()
+  publisher = params_lib.Publisher(pool, learner_params(lambda: clock.now),
+                                   every_steps=1, min_interval_s=0.05,
+                                   clock=clock)
+  pool.start(publisher.start())
+  for _ in range(10):  # 10 steps 10 ms apart: one copy per 50 ms
+    clock.now = round(clock.now + 0.01, 6)
+    publisher.step()
+  publisher.poll()
+  assert [round(float(p["w"][0]), 2) for p in pool.received] == [
+      0.0, 0.05, 0.1]
+
+
+def test_publisher_never_waits_for_a_copy_in_flight():
+  """A copy whose transfer is not done stays in flight; no second copy
+  starts meanwhile, and the next step or poll publishes it."""
+
+  class Pending:
+    ready = False
+
+    def copy_to_host_async(self):
+      pass
+
+    def is_ready(self):
+      return Pending.ready
+
+    def __array__(self, dtype=None, copy=None):
+      return np.ones(2)
+
+  pool, copies = RecordingPool(), []
+
+  def copy_params():
+    copies.append(Pending())
+    return {"w": copies[-1]}
+
+  publisher = params_lib.Publisher(pool, copy_params, every_steps=1)
+  publisher.step()
+  publisher.step()
+  assert len(copies) == 1 and not pool.received
+  Pending.ready = True
+  assert publisher.poll()
+  np.testing.assert_array_equal(pool.received[0]["w"], np.ones(2))
+  publisher.step()
+  assert len(copies) == 2

@@ -1,26 +1,27 @@
-"""Actor processes with Ray (`actors="processes"`): few, small runs (Ray
-starts slowly on 2 cores). Skipped where Ray is not installed."""
+"""Actor processes with Ray (`actors="ray"`): few, small runs (Ray starts
+slowly on 2 cores). Skipped where Ray is not installed. The ActorGroup that a
+Ray process runs is tested without Ray in test_system_processes.py."""
 import dataclasses
 import os
 import signal
 import threading
 import time
 
+import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray")
 
 from ald_jax import metrics as metrics_lib  # pylint: disable=wrong-import-position
+from ald_jax.system import actor_group  # pylint: disable=wrong-import-position
 from ald_jax.system import affinity  # pylint: disable=wrong-import-position
 from ald_jax.system import errors  # pylint: disable=wrong-import-position
-from ald_jax.system import loop as loop_lib  # pylint: disable=wrong-import-position
-from ald_jax.system import pool as pool_lib  # pylint: disable=wrong-import-position
+from ald_jax.system import liveness  # pylint: disable=wrong-import-position
 from ald_jax.system import ray_pool  # pylint: disable=wrong-import-position
 from ald_jax.system import run  # pylint: disable=wrong-import-position
 
-from test_system_actor import FAKE_CORE, CounterEnv, JOIN_S, _params  # pylint: disable=wrong-import-order,wrong-import-position
-from test_system_faults import jump_clock_when  # pylint: disable=wrong-import-order,wrong-import-position
-from test_system_run import tiny_run  # pylint: disable=wrong-import-order,wrong-import-position
+from test_system_processes import RowHook, group_spec  # pylint: disable=wrong-import-order,wrong-import-position
+from helpers import jump_clock_when, tiny_run  # pylint: disable=wrong-import-order,wrong-import-position
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
@@ -30,119 +31,8 @@ def process_run(tmp_path, **changes):
   # process (a hanging test environment would hang it too); it has its own
   # tests in test_system_eval.py.
   changes = {"eval_interval_s": 0.0, **changes}
-  return tiny_run(tmp_path, agent="lstm", actors="processes",
+  return tiny_run(tmp_path, agent="lstm", actors="ray",
                   report_interval_s=1.0, **changes)
-
-
-class RowHook:
-  """Wraps LearnerLoop.row to look at the running system at each report:
-  calls on_row(pool, row) (or on_row(pool, row, loop) with with_loop)."""
-
-  def __init__(self, monkeypatch, on_row, with_loop=False):
-    original = loop_lib.LearnerLoop.row
-    self.pools = []
-
-    def row(loop, stopped_by=""):
-      pool = loop._pool  # pylint: disable=protected-access
-      if pool not in self.pools:
-        self.pools.append(pool)
-      result = original(loop, stopped_by)
-      if not stopped_by:
-        if with_loop:
-          on_row(pool, result, loop)
-        else:
-          on_row(pool, result)
-      return result
-    monkeypatch.setattr(loop_lib.LearnerLoop, "row", row)
-
-
-def _group_spec(make_env, num_actors=4, envs=2) -> pool_lib.ActorSpec:
-  return pool_lib.ActorSpec(
-      make_env=make_env, core=FAKE_CORE, num_actors=num_actors,
-      envs_per_actor=envs, unroll_length=4, context_length=3,
-      seed_for=lambda i: i, cores=[None] * num_actors, t_actor_budget_ms=None,
-      env_info=None)
-
-
-def _unrolls_until_every_actor_is_seen(group, actor_ids, envs,
-                                       deadline_s=60.0):
-  """Takes unrolls until each actor sent one; fails loudly after deadline_s."""
-  seen = {}
-  deadline = time.monotonic() + deadline_s
-  while time.monotonic() < deadline:
-    for unroll in group.take_unrolls(JOIN_S):
-      seen.setdefault(int(unroll.stream_id[0]) // envs, []).append(unroll)
-    if set(seen) == set(actor_ids):
-      return seen
-  raise AssertionError(f"only actors {sorted(seen)} sent unrolls")
-
-
-def test_actor_group_runs_pinned_threads_with_their_actors_streams():
-  """The threads of one actor process (no Ray here): thread k acts as actor
-  actor_ids[k] with that actor's streams, pinned to its own core."""
-  available = affinity.available_cores()
-  cores = affinity.spread_threads(available, 2)
-  group = ray_pool.ActorGroup(
-      [2, 3], _group_spec(lambda i: CounterEnv((5, 7))), FAKE_CORE,
-      seeds=[1, 2], cores=cores, queue_capacity=2, poll_s=0.02)
-  group.start()
-  group.publish(_params(1.0), version=4)
-  try:
-    seen = _unrolls_until_every_actor_is_seen(group, [2, 3], envs=2)
-    reply = group.report([], with_latency=True)
-  finally:
-    assert group.stop(JOIN_S)
-  for actor_id, unrolls in seen.items():
-    assert {tuple(u.stream_id) for u in unrolls} == {
-        (2 * actor_id, 2 * actor_id + 1)}
-  assert [s.actor_id for s in reply.stats] == [2, 3]
-  assert all(s.unrolls > 0 and s.params_version == 4 for s in reply.stats)
-  assert len(reply.latency) == 2 and len(reply.idle_s) == 2
-  # Pinned as assigned, seen from inside each thread.
-  assert [s.affinity for s in reply.stats] == cores
-  if available is not None and len(available) >= 2:
-    assert cores[0] != cores[1]
-  assert reply.error is None
-  assert not [t for t in group.threads if t.is_alive()]
-
-
-def test_actor_group_one_failing_thread_stops_the_group_naming_it():
-  group = ray_pool.ActorGroup(
-      [0, 1], _group_spec(lambda i: CounterEnv(
-          (5, 7), raise_after=2 if i == 1 else None), num_actors=2),
-      FAKE_CORE, seeds=[1, 2], cores=[None, None], queue_capacity=2,
-      poll_s=0.02)
-  group.start()
-  group.publish(_params(1.0), version=1)
-  # Actor 1 fails before its first unroll; actor 0 stops with it.
-  for thread in group.threads:
-    thread.join(JOIN_S)
-  try:
-    assert not [t for t in group.threads if t.is_alive()]
-    reply = group.report([], with_latency=False)
-    assert reply.error.startswith(
-        "actor 1: RuntimeError: fake env exploded at step 2"), reply.error
-    assert "in step" in reply.error_traceback
-  finally:
-    group.stop(JOIN_S)
-
-
-def test_a_restarted_process_builds_its_envs_from_new_seeds():
-  """Incarnation 0 asks make_env(i) as thread mode does; a restart asks for
-  its incarnation, and the run's make_env gives those envs fresh seeds."""
-  asked = []
-  spec = _group_spec(lambda *args: asked.append(args), num_actors=2)
-  for incarnation in (0, 3):
-    group = ray_pool.ActorGroup([0, 1], spec, FAKE_CORE, seeds=[1, 2],
-                                cores=[None, None], queue_capacity=2,
-                                incarnation=incarnation)
-    for thread in group.threads:
-      thread._make_env()  # pylint: disable=protected-access
-  assert asked == [(0,), (1,), (0, 3), (1, 3)]
-  seeds = {run._actor_seed(5, 1, 0, incarnation)  # pylint: disable=protected-access
-           for incarnation in range(3)}
-  assert len(seeds) == 3
-  assert run._actor_seed(5, 1, 0) == run._actor_seed(5, 1, 0, 0)  # pylint: disable=protected-access
 
 
 @pytest.mark.timeout(300)
@@ -182,10 +72,10 @@ def test_processes_act_get_params_are_trained_on_and_shut_down(
   # Nothing left: the run started Ray and shut it down, processes are gone.
   assert not ray.is_initialized()
   pids = hook.pools[0].actor_pids()
-  assert len(pids) == 2 and not [p for p in pids if ray_pool.process_alive(p)]
+  assert len(pids) == 2 and not [p for p in pids if liveness.process_alive(p)]
   assert "raylet" in ray_processes.values(), ray_processes
   left = {pid: kind for pid, kind in ray_processes.items()
-          if ray_pool.process_alive(pid)}
+          if liveness.process_alive(pid)}
   assert not left, f"Ray processes left after the run: {left}"
 
 
@@ -285,7 +175,7 @@ def test_hanging_env_in_processes_stops_at_the_wall_time_limit_leaving_nothing(
   assert result.stopped_by == "wall_time"
   assert result.stuck_actors == ()  # hung processes are killed
   pids = hook.pools[0].actor_pids()
-  assert len(pids) == 2 and not [p for p in pids if ray_pool.process_alive(p)]
+  assert len(pids) == 2 and not [p for p in pids if liveness.process_alive(p)]
   assert not ray.is_initialized()
 
 
@@ -318,7 +208,7 @@ def test_one_process_runs_two_pinned_threads_as_one_unit(tmp_path,
   if not affinity.assign_cores(2, reserve_for_learner=1).shared:
     assert not pinned[0] & pinned[1]  # distinct cores (needs >= 3 cores)
   assert not ray.is_initialized()
-  assert not [p for p in pool.actor_pids() if ray_pool.process_alive(p)]
+  assert not [p for p in pool.actor_pids() if liveness.process_alive(p)]
 
 
 class ExplodingIMaze:
@@ -425,7 +315,7 @@ def test_cluster_actors_on_worker_nodes_only_learn_imaze(tmp_path, monkeypatch):
   hook = RowHook(monkeypatch, lambda pool, row: None)
   try:
     learns = test_system_run.learning_config(tmp_path)
-    config = dataclasses.replace(learns, actors="processes",
+    config = dataclasses.replace(learns, actors="ray",
                                  ray_address=cluster.address)
     result = run.train(config)
     placed = hook.pools[0].actor_node_ids()
@@ -467,7 +357,7 @@ def _unit_pool(monkeypatch, num_processes=2, **changes):
   pool._config = dataclasses.replace(tiny_run("unused"), **changes)  # pylint: disable=protected-access
   pool._ray = FakeRay()  # pylint: disable=protected-access
   pool._stop_error = None  # pylint: disable=protected-access
-  pool._slots = [ray_pool._Slot(p, [p]) for p in range(num_processes)]  # pylint: disable=protected-access
+  pool._slots = [actor_group.ProcessSlot(p, [p]) for p in range(num_processes)]  # pylint: disable=protected-access
   pool.launched = []
   monkeypatch.setattr(pool, "_launch", pool.launched.append)
   return pool
@@ -531,7 +421,7 @@ def test_queue_capacity_is_split_over_the_actor_threads(queue_capacity,
                                                        per_thread):
   config = dataclasses.replace(process_run("unused"),
                                queue_capacity=queue_capacity)
-  pool = run._make_pool(config, _group_spec(lambda i: None, num_actors=2))  # pylint: disable=protected-access
+  pool = run._make_pool(config, group_spec(lambda i: None, num_actors=2))  # pylint: disable=protected-access
   assert pool._queue_capacity == per_thread  # pylint: disable=protected-access
 
 
@@ -541,14 +431,14 @@ def test_a_stalled_reply_restarts_its_process_which_is_polled_once(
   process; its new poll is the launch's (a second one would drop the new
   process's first reply)."""
   pool = _unit_pool(monkeypatch, num_processes=1, actor_stall_s=5.0)
-  pool._spec = _group_spec(lambda i: None, num_actors=1)  # pylint: disable=protected-access
+  pool._spec = group_spec(lambda i: None, num_actors=1)  # pylint: disable=protected-access
   pool._actor_unrolls, pool._ready, pool._episodes = [0], [], []  # pylint: disable=protected-access
   slot = pool._slots[0]  # pylint: disable=protected-access
   polls = []
   monkeypatch.setattr(pool, "_poll", polls.append)
   slot.pending = object()
   pool._ray.ready.add(slot.pending)  # pylint: disable=protected-access
-  pool._ray.values[slot.pending] = ray_pool.PollReply(  # pylint: disable=protected-access
+  pool._ray.values[slot.pending] = actor_group.PollReply(  # pylint: disable=protected-access
       [], [], [], None, [9.0], None, None, 4242, "")
   pool._collect(0.0)  # pylint: disable=protected-access
   assert pool.launched == [slot] and not polls
@@ -579,7 +469,7 @@ def test_an_error_in_the_replies_left_at_stop_is_raised_after_stop(
   for slot in pool._slots:  # pylint: disable=protected-access
     slot.handle, slot.pending = Handle(), object()
   fake.ready.add(failed.pending)
-  fake.values[failed.pending] = ray_pool.PollReply(
+  fake.values[failed.pending] = actor_group.PollReply(
       [], [], [], None, [0.0], "actor 1: RuntimeError: env exploded",
       "Traceback ...", 4242, "")
   pool.raise_error()  # nothing found before stop
@@ -588,3 +478,42 @@ def test_an_error_in_the_replies_left_at_stop_is_raised_after_stop(
                      match=r"actor process 1 \(actor 1\), pid 4242: actor 1: "
                      "RuntimeError: env exploded"):
     pool.raise_error()
+
+
+def test_a_version_is_put_into_ray_only_when_a_process_behind_polls(
+    monkeypatch):
+  """Publishing puts nothing; a poll of a process that is behind puts the
+  newest version once (shared by every process polling for it) and passes
+  its reference; a process that has it gets no reference."""
+  pool = _unit_pool(monkeypatch, num_processes=2)
+  puts, calls = [], []
+  pool._ray.put = lambda value: puts.append(value) or f"ref{len(puts)}"  # pylint: disable=protected-access
+
+  class Handle:
+    def __init__(self, name):
+      self.poll = self
+      self.name = name
+
+    def remote(self, version, refs, with_latency):
+      del with_latency
+      calls.append((self.name, version, refs[0]))
+      return object()
+
+  for slot in pool._slots:  # pylint: disable=protected-access
+    slot.handle = Handle(slot.process_id)
+  pool._params = pool._params_ref = None  # pylint: disable=protected-access
+  pool._sent_version, pool.params_put = {}, 0  # pylint: disable=protected-access
+  pool._want_latency, pool.params_version = False, 0  # pylint: disable=protected-access
+  for value in range(5):
+    pool.publish({"w": np.full(2, value)})
+  assert puts == []
+  first, second = pool._slots  # pylint: disable=protected-access
+  pool._poll(first)  # pylint: disable=protected-access
+  pool._poll(second)  # pylint: disable=protected-access
+  pool._poll(first)  # pylint: disable=protected-access
+  pool.publish({"w": np.full(2, 5)})
+  pool._poll(second)  # pylint: disable=protected-access
+  assert len(puts) == pool.params_put == 2
+  np.testing.assert_array_equal(puts[0]["w"], [4, 4])
+  assert calls == [(0, 5, "ref1"), (1, 5, "ref1"), (0, 5, None),
+                   (1, 6, "ref2")]

@@ -9,6 +9,7 @@ replay with (`LearnerState.rng` drives replay sampling); the environment
 factory appends every seed it is called with to a file (so it
 works wherever the actors run).
 """
+import json
 import os
 
 import jax
@@ -22,7 +23,7 @@ from ald_jax import learner as learner_lib
 from ald_jax import metrics as metrics_lib
 from ald_jax.envs import imaze
 from ald_jax.system import run
-import test_system_run  # pylint: disable=g-bad-import-order
+import helpers  # pylint: disable=g-bad-import-order
 
 SEED = 3
 
@@ -30,7 +31,7 @@ SEED = 3
 def tiny_config(logdir, total_env_steps, resume=False):
   # The learner, stream count and replay of tests/test_system_run.py's
   # tiny_run: its compiled learner steps are shared.
-  learner = test_system_run.tiny_learner("ald")
+  learner = helpers.tiny_learner("ald")
   return config_lib.TrainConfig(
       learner=learner, num_actors=2, envs_per_actor=4,
       total_env_steps=total_env_steps, distill_steps_per_rl_step=1.0,
@@ -159,14 +160,18 @@ def test_resume_continues_from_the_checkpoint(tmp_path, first_states):
   # (Every learner step moved the state's counter: none were non-finite.)
   assert second.final_row["nonfinite_total"] == 0
 
-  # Segment 1's metric rows are kept, unchanged, as a prefix; the rows of
-  # segment 2 continue after them.
+  # Segment 1's metric rows up to the checkpoint are kept, unchanged, as a
+  # prefix; the rows of segment 2 continue after them. Segment 1's last row
+  # may count env steps its actors took after the final checkpoint (written
+  # before they stop): segment 2 takes those steps again, so the resume drops
+  # that row rather than let env_steps run backwards.
+  kept_first = [line for line in rows_first
+                if json.loads(line)["env_steps"] <= metadata["env_steps"]]
+  assert len(kept_first) >= len(rows_first) - 1
   rows_all = read_lines(metrics_path)
-  assert rows_all[:len(rows_first)] == rows_first
-  rows_second = metrics_lib.read_metrics(second.run_dir)[len(rows_first):]
+  assert rows_all[:len(kept_first)] == kept_first
+  rows_second = metrics_lib.read_metrics(second.run_dir)[len(kept_first):]
   assert rows_second
-  # (Segment 1's last row may count env steps its actors took after the
-  # final checkpoint, which is written before they stop.)
   assert all(row["env_steps"] >= metadata["env_steps"] for row in rows_second)
   assert rows_second[-1]["env_steps"] >= 2 * n
   assert all(row["learner_steps"] >= metadata["learner_steps"]

@@ -13,35 +13,7 @@ from ald_jax import metrics as metrics_lib
 from ald_jax.envs import imaze
 from ald_jax.system import run
 from ald_jax.system import timing
-
-
-def tiny_learner(agent: str, **changes) -> config_lib.LearnerConfig:
-  return config_lib.LearnerConfig(
-      agent=agent, unroll_length=8, learner_context=8, batch_size=8,
-      torso=config_lib.TorsoConfig(mlp_sizes=(32,)),
-      lstm=config_lib.LSTMConfig(hidden_size=32),
-      gtrxl=config_lib.GTrXLConfig(num_layers=1, d_model=32, num_heads=2,
-                                   mlp_size=64, memory_length=8),
-      **changes)
-
-
-def tiny_run(logdir, agent="ald", **changes) -> config_lib.TrainConfig:
-  base = config_lib.TrainConfig(
-      learner=tiny_learner(agent), num_actors=2, envs_per_actor=4,
-      total_env_steps=1500,
-      distill_steps_per_rl_step=1.0 if agent == "ald" else 0.0,
-      replay_capacity=64, queue_capacity=4, t_actor_budget_ms=1000.0,
-      calibration_steps=20, report_interval_s=0.5,
-      # The gap evaluation has its own tests (test_system_eval.py); in a tiny
-      # run it would compile two acting steps and evaluate once more at the end.
-      eval_interval_s=0.0,
-      logdir=str(logdir), seed=1)
-  return dataclasses.replace(base, **changes)
-
-
-def actor_threads_alive():
-  return [t.name for t in threading.enumerate()
-          if t.name.startswith("actor-") and t.is_alive()]
+from helpers import actor_threads_alive, tiny_run  # pylint: disable=g-bad-import-order
 
 
 # ald and lstm in every `make test`; the two other agents' learner steps are
@@ -229,3 +201,27 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path):
   with pytest.raises(run.RunError, match="3 learner updates in a row"):
     run.train(config, env_factory=NaNRewardEnv)
   assert not actor_threads_alive()
+
+
+def test_actors_get_host_arrays_at_most_every_k_steps_and_the_newest_one(
+    tmp_path, monkeypatch):
+  """The pool is handed numpy arrays (never the learner's device arrays),
+  one version per `publish_every_steps` learner steps at most, and actors
+  keep acting with newer versions."""
+  published = []
+  publish = run.pool_lib.ThreadActorPool.publish
+
+  def record(pool, params):
+    published.append(params)
+    return publish(pool, params)
+  monkeypatch.setattr(run.pool_lib.ThreadActorPool, "publish", record)
+  result = run.train(tiny_run(tmp_path, publish_every_steps=2,
+                              publish_interval_s=0.0, total_env_steps=4000))
+  row = result.final_row
+  assert published and all(isinstance(leaf, np.ndarray) for p in published
+                           for leaf in jax.tree.leaves(p))
+  assert len(published) <= row["learner_steps"] // 2
+  assert row["params_published"] == len(published)
+  # The actors' latest unrolls acted with a version published during the run.
+  assert row["params_version_oldest"] > 1
+  assert 0 <= row["params_age_steps"] <= row["learner_steps"]

@@ -300,7 +300,7 @@ def test_a_forked_child_holding_the_lock_is_named_as_such(tmp_path):
 @pytest.mark.timeout(120)
 def test_a_run_on_a_locked_directory_is_refused_before_touching_it(tmp_path):
   from ald_jax.system import run  # pylint: disable=import-outside-toplevel
-  from test_system_run import tiny_run  # pylint: disable=import-outside-toplevel
+  from helpers import tiny_run  # pylint: disable=import-outside-toplevel
   directory = tmp_path / "run"
   holder = _start_holder(tmp_path, directory)
   try:
@@ -321,7 +321,7 @@ def test_a_resume_with_a_changed_learning_rate_is_refused_by_the_run(
   """The run compares the newest checkpoint's config before building
   anything, and leaves the stored config files as they were."""
   from ald_jax.system import run  # pylint: disable=import-outside-toplevel
-  from test_system_run import tiny_run  # pylint: disable=import-outside-toplevel
+  from helpers import tiny_run  # pylint: disable=import-outside-toplevel
   first = tiny_run(tmp_path, agent="lstm")
   run_dir_lib.write_segment_config(tmp_path, 0, {"train": first})
   with checkpoint.Checkpointer(tmp_path / run.CHECKPOINT_DIR) as ckpt:
@@ -358,7 +358,7 @@ def test_a_resume_into_a_changed_model_names_the_mismatched_leaves(tmp_path):
   from ald_jax import learner as learner_lib  # pylint: disable=import-outside-toplevel
   from ald_jax.envs import imaze  # pylint: disable=import-outside-toplevel
   from ald_jax.system import run  # pylint: disable=import-outside-toplevel
-  from test_system_run import tiny_run  # pylint: disable=import-outside-toplevel
+  from helpers import tiny_run  # pylint: disable=import-outside-toplevel
   first = tiny_run(tmp_path, agent="lstm")
   env = imaze.IMaze(seed=0)
   learner = learner_lib.make_learner(first.learner,

@@ -1,5 +1,6 @@
 """The absl CLI: flags map onto TrainConfig; bad flags fail before any work."""
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -91,15 +92,17 @@ def test_package_is_callable_as_train():
 
 
 def test_new_system_flags_reach_the_config():
-  config = parse("--actors=processes", "--ray_address=10.0.0.1:6379",
+  config = parse("--actors=ray", "--ray_address=10.0.0.1:6379",
                  "--actor_stall_s=30", "--max_actor_restarts=5",
                  "--nonfinite_obs=mask")
-  assert config.actors == "processes"
+  assert config.actors == "ray"
   assert config.ray_address == "10.0.0.1:6379"
   assert config.actor_stall_s == 30.0 and config.max_actor_restarts == 5
   assert config.nonfinite_obs == "mask"
   with pytest.raises(app.UsageError, match="--ray_address"):
-    parse("--ray_address=10.0.0.1:6379")  # needs --actors=processes
+    parse("--ray_address=10.0.0.1:6379")  # needs --actors=ray
+  with pytest.raises(app.UsageError, match="--ray_address: needs actors='ray'"):
+    parse("--actors=processes", "--ray_address=10.0.0.1:6379")
   with pytest.raises(app.UsageError, match="--actor_stall_s"):
     parse("--actor_stall_s=-1")
   with pytest.raises(app.UsageError, match="--batch_size"):
@@ -198,3 +201,100 @@ def test_no_tensorboard_image_with_the_flag_off(monkeypatch, tmp_path):
       str(tmp_path), {}, None, "budget"), "--notensorboard") == 0
   assert (tmp_path / "curves.png").exists()
   assert not [f for f in os.listdir(tmp_path) if "tfevents" in f]
+
+
+# ---- the command line as a user meets it -------------------------------------
+
+def cli(*argv, timeout=120):
+  """`python -m ald_jax.train ARGV` in a subprocess (no run starts: every
+  case here ends before training)."""
+  env = dict(os.environ, PYTHONPATH=os.getcwd())
+  return subprocess.run([sys.executable, "-m", "ald_jax.train", *argv],
+                        capture_output=True, text=True, timeout=timeout,
+                        check=False, env=env)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--agnet=ald"], "Unknown command line flag 'agnet'"),
+    (["--agent=nosuch"], "--agent"),
+    (["--discount=1.5"], "--discount: must be in [0, 1], got 1.5"),
+    (["stray"], "unexpected arguments: stray"),
+    (["--only_check_args", "--discount=1.5"], "--discount"),
+])
+def test_bad_input_exits_2_with_a_short_message(argv, message, tmp_path):
+  result = cli(*argv, f"--logdir={tmp_path / 'run'}")
+  assert result.returncode == train.EXIT_BAD_INPUT == 2, result.stderr
+  assert message in result.stderr
+  # The cause only: never the whole flag list.
+  assert len(result.stderr.strip().splitlines()) <= 3, result.stderr
+  assert "--gtrxl_d_model" not in result.stderr
+  assert not (tmp_path / "run").exists()
+
+
+def test_only_check_args_accepts_a_valid_config_without_work(tmp_path):
+  result = cli("--only_check_args", "--agent=lstm",
+               f"--logdir={tmp_path / 'run'}")
+  assert result.returncode == 0, result.stderr
+  assert not (tmp_path / "run").exists()
+
+
+def test_print_config_prints_the_validated_config_and_exits_0(tmp_path):
+  result = cli("--print_config", "--agent=lstm", "--lstm_hidden_size=48",
+               "--env_kwargs={\"corridor_length\": 6}",
+               f"--logdir={tmp_path / 'run'}")
+  assert result.returncode == 0, result.stderr
+  printed = json.loads(result.stdout)
+  expected = train.config_from_argv([
+      "--agent=lstm", "--lstm_hidden_size=48",
+      "--env_kwargs={\"corridor_length\": 6}",
+      f"--logdir={tmp_path / 'run'}"])
+  assert printed == json.loads(train.config_json(expected))
+  assert printed["learner"]["lstm"]["hidden_size"] == 48
+  # Resolved: lstm takes no distill-only steps.
+  assert printed["distill_steps_per_rl_step"] == 0.0
+  assert printed["env_kwargs"] == [["corridor_length", 6]]
+  assert not (tmp_path / "run").exists()  # nothing trained or written
+  bad = cli("--print_config", "--batch_size=0")
+  assert bad.returncode == 2 and "--batch_size" in bad.stderr
+
+
+def test_help_lists_every_flag_once_by_topic():
+  result = cli("--help")
+  assert result.returncode == 0
+  text = result.stdout
+  assert text == train.help_text()
+  titles = [title for title, _, _ in train.FLAG_TOPICS]
+  assert titles == ["Run", "Agent and sizes", "Learner", "Distillation",
+                    "Actors and system", "Evaluation", "Faults"]
+  positions = [text.index(f"\n{title}: ") for title in titles]
+  assert positions == sorted(positions)
+  for flag in train.FLAG_TABLE:
+    assert text.count(f"  --{flag.name} ") == 1, flag.name
+  assert "Other:" not in text  # no flag without a topic
+  for code in ("0:", "1:", "2:", "128+N:"):
+    assert f"\n  {code}" in text
+
+
+def test_every_flag_has_exactly_one_topic():
+  named = [n for _, _, names in train.FLAG_TOPICS for n in names]
+  assert sorted(named) == sorted(f.name for f in train.FLAG_TABLE)
+
+
+def test_the_cli_reference_is_current():
+  # docs/cli.md is generated: rerun scripts/make_cli_reference.py when a
+  # flag, its help, default or topic changes.
+  path = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "cli.md")
+  with open(path, encoding="utf-8") as f:
+    assert f.read() == train.cli_reference()
+  text = train.cli_reference()
+  for flag in train.FLAG_TABLE:
+    assert f"| `--{flag.name}` |" in text
+    assert flag.help.replace("|", "\\|") in text  # the --help wording
+
+
+def test_run_cli_takes_its_argv_and_exits_with_the_documented_codes(
+    capsys):
+  with pytest.raises(SystemExit) as info:
+    train.run_cli(["ald-train", "--help"])
+  assert info.value.code == 0
+  assert capsys.readouterr().out.startswith("usage: ald-train ")

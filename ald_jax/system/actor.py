@@ -37,6 +37,7 @@ import collections
 import threading
 import time
 import queue as queue_lib
+import weakref
 from typing import Any, Callable, Collection, NamedTuple, Sequence
 
 from absl import logging
@@ -50,7 +51,6 @@ from ald_jax.envs import specs as specs_lib
 from ald_jax.system import affinity
 from ald_jax.system import errors as errors_lib
 from ald_jax.system import params as params_lib
-from ald_jax.system import queue as queue_utils
 from ald_jax.system import timing
 
 Params = Any
@@ -86,20 +86,30 @@ class ActorStats(NamedTuple):
     return self.env_steps / self.active_s if self.active_s > 0 else 0.0
 
 
+_ACT_FNS: "weakref.WeakKeyDictionary[Callable, Callable]" = (
+    weakref.WeakKeyDictionary())
+_ACT_FNS_LOCK = threading.Lock()
+
+
 def make_act_fn(core_step: Callable[..., Any]) -> Callable[..., Any]:
   """Jitted acting step: splits the key inside the same call.
 
   act(params, observation, step_type, state, key)
     -> (action [E] int32, logits [E, A], new_state, next_key)
   One jitted call per step (a separate `jax.random.split` dispatch would cost
-  about as much as a small LSTM step).
+  about as much as a small LSTM step). One jitted function per core step, so
+  the calibration's compilation serves every actor thread of the process.
   """
-  def act(params, observation, step_type, state, key):
-    key, step_key = jax.random.split(key)
-    action, logits, new_state = core_step(params, observation, step_type,
-                                          state, step_key)
-    return action, logits, new_state, key
-  return jax.jit(act)
+  with _ACT_FNS_LOCK:
+    act_fn = _ACT_FNS.get(core_step)
+    if act_fn is None:
+      def act(params, observation, step_type, state, key):
+        key, step_key = jax.random.split(key)
+        action, logits, new_state = core_step(params, observation, step_type,
+                                              state, step_key)
+        return action, logits, new_state, key
+      act_fn = _ACT_FNS[core_step] = jax.jit(act)
+    return act_fn
 
 
 def _cpu_device() -> jax.Device:
@@ -191,7 +201,7 @@ class ActorThread(threading.Thread):
                core: learner_lib.ActorCore,
                params_slot: params_lib.ParamsSlot,
                unroll_queue: queue_lib.Queue, stop_event: threading.Event,
-               errors: queue_utils.ErrorHolder, *, unroll_length: int,
+               errors: errors_lib.ErrorHolder, *, unroll_length: int,
                context_length: int, seed: int,
                cores: Collection[int] | None = None,
                t_actor_budget_ms: float | None = None,
@@ -485,6 +495,9 @@ def calibrate_core(core: learner_lib.ActorCore, params: Params,
         result["summary"] = timing.calibrate_actor_step(
             act, args, num_calls=num_calls, budget_ms=budget_ms,
             policy=policy)
+        # What an actor thread computes besides the step (compiled here,
+        # before any actor starts).
+        jax.device_get(core.recorded_state(args[3]))
     except BaseException as error:  # pylint: disable=broad-except
       result["error"] = error
 
@@ -512,6 +525,9 @@ def summarize_actors(actors: Sequence[ActorThread],
       "version_lag": (float(np.mean([s.version_lag for s in stats]))
                       if stats else 0.0),
       "max_version_lag": max((s.max_version_lag for s in stats), default=0),
+      # The oldest parameter version an actor's latest unroll acted with.
+      "params_version_oldest": min((s.params_version for s in stats),
+                                   default=0),
       "actor_wait_queue_s": sum(s.wait_queue_s for s in stats),
       "actor_wait_params_s": sum(s.wait_params_s for s in stats),
       "actor_active_s": sum(s.active_s for s in stats),

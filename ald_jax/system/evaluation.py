@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ald_jax import learner as learner_lib  # ActorCore, the actor contract
+from ald_jax import types
 from ald_jax.system import actor as actor_lib
 from ald_jax.system import errors
 
@@ -221,6 +222,29 @@ class Evaluator:
     self.error_traceback: str | None = None
     self._thread = threading.Thread(target=self._run, name="evaluation",
                                     daemon=True)
+    self._acts = {name: make_eval_act(core, greedy)
+                  for name, core in self._policies.items()}
+
+  def compile(self, params: Mapping[str, Params],
+              obs_shape: Sequence[int]) -> None:
+    """Compiles each policy's evaluation step (one step on zeros, on the
+    CPU, for the evaluation's batch of environments), so that the first
+    evaluation compiles nothing."""
+    env = self._make_env(0)
+    try:
+      num_envs = env.num_envs
+    finally:
+      actor_lib.close_quietly(env, "evaluation")
+    cpu = jax.devices("cpu")[0]
+    with jax.default_device(cpu):
+      for name, act in self._acts.items():
+        core = self._policies[name]
+        jax.block_until_ready(act(
+            jax.device_put(params[name], cpu),
+            np.zeros((num_envs, *obs_shape), np.float32),
+            np.full((num_envs,), types.FIRST, np.int32),
+            jax.device_put(core.initial_state(num_envs), cpu),
+            jax.device_put(jax.random.key(0), cpu)))
 
   # ---- the learner loop's side ----
 
@@ -353,8 +377,7 @@ class Evaluator:
     try:
       cpu = jax.devices("cpu")[0]
       with jax.default_device(cpu):
-        acts = {name: make_eval_act(core, self._greedy)
-                for name, core in self._policies.items()}
+        acts = self._acts
         index = 0
         while True:
           snapshot = self._next_snapshot()

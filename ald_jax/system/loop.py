@@ -19,6 +19,7 @@ import numpy as np
 from ald_jax import config as config_lib
 from ald_jax import metrics as metrics_lib
 from ald_jax.system import learner_driver as driver_lib
+from ald_jax.system import params as params_lib
 from ald_jax.system import pool as pool_lib
 from ald_jax.system import replay as replay_lib
 from ald_jax.system import timing
@@ -47,7 +48,8 @@ class LearnerLoop:
                episodes_offset: int = 0,
                segment: int = 0, poll_s: float = 0.1,
                evaluator: Any = None,
-               eval_params: Callable[[Any], dict[str, Any]] | None = None):
+               eval_params: Callable[[Any], dict[str, Any]] | None = None,
+               started_at: float | None = None):
     if (evaluator is None) != (eval_params is None):
       raise ValueError("evaluator and eval_params come together")
     self._config = config
@@ -70,9 +72,21 @@ class LearnerLoop:
     self._batcher: Any = None  # chosen from the first unroll's fields
     # Rows each actor contributed to RL steps (stream id // E is the actor).
     self._trained_rows = np.zeros(config.num_actors, np.int64)
+    self._publisher = params_lib.Publisher(
+        pool, driver.actor_params, every_steps=config.publish_every_steps,
+        min_interval_s=config.publish_interval_s)
     self._start_time = time.perf_counter()
+    # perf_counter() when the run began: the first row says how long the
+    # start-up took (build, compile, calibrate, first batch).
+    self._started_at = self._start_time if started_at is None else started_at
+    self.startup_s: float | None = None
 
   # ---- state read by the run module ----
+
+  def start_actors(self) -> None:
+    """Starts the pool with the current actor parameters (host arrays)."""
+    self._pool.start(self._publisher.start())
+    self._publisher.started(self._pool.params_version)
 
   def elapsed_s(self) -> float:
     return time.perf_counter() - self._start_time
@@ -103,9 +117,16 @@ class LearnerLoop:
                 "params_version": self._pool.params_version,
                 "batch_repeated_rows": getattr(self._batcher, "repeated_rows",
                                                0)})
+    if self.startup_s is not None:
+      row["startup_to_first_step_s"] = self.startup_s
+    row["params_published"] = self._publisher.published
+    age = self._publisher.age_steps(row.get("params_version_oldest", 0))
+    if age is not None:
+      row["params_age_steps"] = age
     for actor_id, rows in enumerate(self._trained_rows):
       row[f"actor{actor_id}_trained_rows"] = int(rows)
     row.update(self.phases.summary())
+    row.update(metrics_lib.resource_entries(self._driver.device))
     row.update(self._driver.metrics())
     if self._evaluator is not None:
       row.update(self._evaluator.metrics())
@@ -174,13 +195,15 @@ class LearnerLoop:
         return
       with self.phases.phase("step"):
         self._driver.train(batch)
+      if self.startup_s is None:
+        self.startup_s = time.perf_counter() - self._started_at
       stream_id = getattr(batch, "stream_id", None)
       if stream_id is not None:
         self._trained_rows += np.bincount(
             np.asarray(stream_id) // self._config.envs_per_actor,
             minlength=self._trained_rows.size)
       with self.phases.phase("publish"):
-        self._pool.publish(self._driver.actor_params())
+        self._publisher.step()
 
   def run(self) -> str:
     """Runs until a stop; returns (and sets) the stop reason."""
@@ -194,6 +217,7 @@ class LearnerLoop:
       if reason is not None:
         break
       self._offer_evaluation()
+      self._publisher.poll()
       with self.phases.phase("wait_batch"):
         unroll = self._pool.get_unroll(self._poll_s)
       if unroll is not None:

@@ -7,6 +7,7 @@ dropped, never queued). Versions start at 1 for the first publish; 0 means
 """
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from typing import Any
@@ -15,6 +16,7 @@ import jax
 import numpy as np
 
 Params = Any
+_VERSIONS_KEPT = 4096  # versions whose learner step a Publisher keeps
 
 
 def host_copy(params: Params) -> Params:
@@ -101,3 +103,85 @@ class ParamsSlot:
           wait_s = min(wait_s, remaining)
         self._cond.wait(wait_s)
       return self._version, self._params
+
+
+class Publisher:
+  """Publishes the learner's actor parameters to a pool without waiting.
+
+  `step()` after each learner step: when at least `every_steps` steps and
+  `min_interval_s` seconds have passed since the last copy was started, it
+  starts a new one (`copy_params()`: a fresh device copy) and its host
+  transfer (`copy_to_host_async`); a later `step()` or `poll()` that finds
+  the transfer done hands the host (numpy) arrays to `pool.publish`. The
+  loop never waits on the device for a publish, and actors never read an
+  array of the learner's device. One copy is in flight at a time.
+
+  `age_steps(version)`: learner steps since the copy published as `version`
+  was started (the age of the parameters an actor acts with).
+  """
+
+  def __init__(self, pool: Any, copy_params: Any, *, every_steps: int = 1,
+               min_interval_s: float = 0.0, clock=time.monotonic):
+    if every_steps < 1:
+      raise ValueError(f"every_steps must be >= 1, got {every_steps}")
+    self._pool = pool
+    self._copy_params = copy_params
+    self._every_steps = every_steps
+    self._min_interval_s = min_interval_s
+    self._clock = clock
+    self._steps = 0                 # learner steps seen
+    self._started_step = 0          # step of the last copy started
+    self._started_at = -float("inf")
+    self._in_flight: tuple[int, Params] | None = None
+    # version -> learner step of its copy (the newest few thousand)
+    self._step_of_version: collections.OrderedDict[int, int] = (
+        collections.OrderedDict())
+    self.published = 0
+
+  def start(self) -> Params:
+    """The first parameters, copied to the host now (for `pool.start`)."""
+    self._started_at = self._clock()
+    self._started_step = self._steps
+    params = host_copy(self._copy_params())
+    return params
+
+  def started(self, version: int) -> None:
+    """Records the version `pool.start` published."""
+    self._remember(version, self._started_step)
+
+  def _remember(self, version: int, step: int) -> None:
+    self._step_of_version[version] = step
+    while len(self._step_of_version) > _VERSIONS_KEPT:
+      self._step_of_version.popitem(last=False)
+
+  def step(self) -> None:
+    """Call after each learner step."""
+    self._steps += 1
+    self.poll()
+    if (self._in_flight is None and
+        self._steps - self._started_step >= self._every_steps and
+        self._clock() - self._started_at >= self._min_interval_s):
+      copy = self._copy_params()
+      for leaf in jax.tree.leaves(copy):
+        leaf.copy_to_host_async()
+      self._in_flight = (self._steps, copy)
+      self._started_step = self._steps
+      self._started_at = self._clock()
+
+  def poll(self) -> bool:
+    """Publishes the copy in flight if its transfer is done."""
+    if self._in_flight is None:
+      return False
+    step, copy = self._in_flight
+    if not all(leaf.is_ready() for leaf in jax.tree.leaves(copy)):
+      return False
+    self._in_flight = None
+    version = self._pool.publish(jax.tree.map(np.asarray, copy))
+    self._remember(version, step)
+    self.published += 1
+    return True
+
+  def age_steps(self, version: int) -> int | None:
+    """Learner steps since `version`'s copy was made (None if unknown)."""
+    step = self._step_of_version.get(version)
+    return None if step is None else self._steps - step

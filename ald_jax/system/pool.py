@@ -8,9 +8,10 @@
     pool.drain_episodes()           finished episodes since the last call
     pool.stop(deadline_s) -> stuck  stops every actor within one deadline
 
-`ThreadActorPool` runs `ActorThread`s in this process; `ray_pool.RayActorPool`
-runs them in Ray actor processes. Both emit `types.Batch` unrolls with numpy
-leaves, `stream_id` and `unroll_index`.
+`ThreadActorPool` runs `ActorThread`s in this process;
+`process_pool.LocalProcessPool` runs them in actor processes on this host and
+`ray_pool.RayActorPool` in Ray actor processes. All emit `types.Batch` unrolls
+with numpy leaves, `stream_id` and `unroll_index`.
 """
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ from ald_jax.envs import specs as specs_lib
 from ald_jax.system import actor as actor_lib
 from ald_jax.system import errors
 from ald_jax.system import params as params_lib
-from ald_jax.system import queue as queue_utils
 
 Params = Any
 
@@ -53,7 +53,8 @@ class ActorPool(Protocol):
 class ActorSpec:
   """How to build actor i: its env, seeds, cores and stream ids.
 
-  Shared by the thread and the Ray pools so both act the same way.
+  Shared by every pool so that all act the same way (the process pools
+  send it, without `core`, to their processes).
   """
 
   def __init__(self, *, make_env: Callable[[int], Any],
@@ -96,7 +97,7 @@ class ThreadActorPool:
     self._spec = spec
     self._stall_s = stall_s
     self._stop_event = threading.Event()
-    self._errors = queue_utils.ErrorHolder(self._stop_event)
+    self._errors = errors.ErrorHolder(self._stop_event)
     self._slot = params_lib.ParamsSlot()
     self._queue: queue_lib.Queue = queue_lib.Queue(maxsize=queue_capacity)
     self.num_streams = spec.num_actors * spec.envs_per_actor

@@ -1,6 +1,6 @@
 """Wires actors, the learner driver and the learner loop into one run.
 
-    actor pool (threads or Ray processes) --unrolls--> learner loop
+    actor pool (threads, processes or Ray) --unrolls--> learner loop
           ^                                               | batches
           |                                         learner driver
           +------ versioned actor parameters <-----------+ (default device)
@@ -24,6 +24,7 @@ XLA still parallelises the learner's large ops over its own thread pool.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -47,6 +48,7 @@ from ald_jax.envs import registry
 from ald_jax.envs import specs
 from ald_jax.system import actor as actor_lib
 from ald_jax.system import affinity
+from ald_jax.system import compile_cache
 from ald_jax.system import errors
 from ald_jax.system import evaluation
 from ald_jax.system import learner_driver as driver_lib
@@ -192,13 +194,38 @@ class _FirstError:
       return None
 
 
+class EnvMaker:
+  """`(actor_id, incarnation=0) -> BatchedEnv`: actor i's environments.
+
+  A class, not a closure, so that actor processes can receive it by pickle
+  (it pickles when `factory` does).
+  """
+
+  def __init__(self, factory: EnvFactory, envs_per_actor: int,
+               base_seed: int, segment: int):
+    self.factory = factory
+    self.envs_per_actor = envs_per_actor
+    self.base_seed = base_seed
+    self.segment = segment
+
+  def __call__(self, actor_id: int,
+               incarnation: int = 0) -> batched_lib.BatchedEnv:
+    return batched_lib.BatchedEnv(
+        self.factory, self.envs_per_actor,
+        _actor_seed(self.base_seed, actor_id, self.segment, incarnation))
+
+
 def _make_pool(cfg: config_lib.TrainConfig, spec: pool_lib.ActorSpec
                ) -> pool_lib.ActorPool:
+  # Process pools split queue_capacity over the actor threads' local queues.
+  per_thread = max(1, cfg.queue_capacity // spec.num_actors)
   if cfg.actors == "processes":
+    from ald_jax.system import process_pool  # pylint: disable=import-outside-toplevel
+    return process_pool.LocalProcessPool(spec, cfg,
+                                         poll_queue_capacity=per_thread)
+  if cfg.actors == "ray":
     from ald_jax.system import ray_pool  # pylint: disable=import-outside-toplevel
-    return ray_pool.RayActorPool(
-        spec, cfg, poll_queue_capacity=max(
-            1, cfg.queue_capacity // spec.num_actors))
+    return ray_pool.RayActorPool(spec, cfg, poll_queue_capacity=per_thread)
   return pool_lib.ThreadActorPool(spec, cfg.queue_capacity,
                                   stall_s=cfg.actor_stall_s)
 
@@ -216,10 +243,55 @@ def _make_evaluator(cfg: config_lib.TrainConfig, learner: Any,
       segment=segment)
 
 
+def _compile_before_actors(driver: driver_lib.LearnerDriver,
+                           evaluator: evaluation.Evaluator | None,
+                           learner: Any, env_info: specs.EnvInfo) -> None:
+  """Compiles every program the learner's process will run, so that
+  nothing compiles once actors wait for the learner (the acting step was
+  compiled by the calibration)."""
+  start = time.perf_counter()
+  variants = driver.compile()
+  if evaluator is not None:
+    evaluator.compile(driver.host_params(functools.partial(
+        evaluation.eval_params, learner)), env_info.obs_shape)
+  logging.info("compiled %d learner programs%s in %.1f s", variants,
+               " and the evaluation's" if evaluator is not None else "",
+               time.perf_counter() - start)
+
+
+def _effective_config(config: config_lib.TrainConfig,
+                      env_record: Mapping[str, Any]
+                      ) -> config_lib.TrainConfig:
+  """The config as it runs: a registry factory's name and kwargs fill
+  `env`/`env_kwargs`; any other factory leaves them unused, so they are
+  reset to their defaults (not recorded, see `_recorded_config`)."""
+  if env_record["source"] == registry.REGISTRY_SOURCE:
+    return dataclasses.replace(
+        config, env=env_record["name"],
+        env_kwargs=tuple(sorted(env_record["kwargs"].items())))
+  return dataclasses.replace(config, env=config_lib.TrainConfig.env,
+                             env_kwargs=())
+
+
+def _recorded_config(config: config_lib.TrainConfig,
+                     env_record: Mapping[str, Any]) -> dict[str, Any]:
+  """The config as stored (config.json, checkpoints): without `env` and
+  `env_kwargs` when they did not make the environment."""
+  recorded = checkpoint_lib.to_jsonable(config)
+  if env_record["source"] != registry.REGISTRY_SOURCE:
+    del recorded["env"], recorded["env_kwargs"]
+  return recorded
+
+
 def _write_config(run_dir: str, config: config_lib.TrainConfig,
                   env_info, segment: int,
-                  calibration: timing.LatencySummary) -> None:
-  resolved = {"train": checkpoint_lib.to_jsonable(config),
+                  calibration: timing.LatencySummary,
+                  env_record: Mapping[str, Any],
+                  actor_sizing: Mapping[str, Any] | None = None) -> None:
+  resolved = {"train": _recorded_config(config, env_record),
+              # Where the environments came from (registry name, gymnasium
+              # id or callable), with their arguments.
+              "env": dict(env_record),
               "obs_shape": list(env_info.obs_shape),
               "num_actions": env_info.num_actions,
               "agent": config.learner.agent,
@@ -232,12 +304,16 @@ def _write_config(run_dir: str, config: config_lib.TrainConfig,
                   "p50_us": calibration.p50_us,
                   "p99_us": calibration.p99_us,
                   "budget_ms": config.t_actor_budget_ms}}
+  if actor_sizing is not None:
+    # How the actor's width was chosen (system/actor_sizing.py).
+    resolved["actor_sizing"] = dict(actor_sizing)
   run_dir_lib.write_segment_config(run_dir, segment, resolved)
 
 
 def train(config: config_lib.TrainConfig,
           env_factory: EnvFactory | None = None, *,
-          flag_paths: Mapping[str, str] | None = None) -> RunResult:
+          flag_paths: Mapping[str, str] | None = None,
+          actor_sizing: Mapping[str, Any] | None = None) -> RunResult:
   """Runs ALD (or a baseline agent) until `total_env_steps` or a stop.
 
   Args:
@@ -247,6 +323,9 @@ def train(config: config_lib.TrainConfig,
     flag_paths: command-line flag name -> config path (`ald_jax.train`
       passes its FLAG_TABLE's), so `resume_allow_change` may name flags and
       a refused resume names the flag to pass.
+    actor_sizing: the record of an automatic actor width
+      (`system/actor_sizing.resolve_auto_width`), written to config.json; a
+      resume without one keeps the stored config's.
 
   Returns a RunResult; `stopped_by` is "budget", "wall_time" or
   "signal:NAME" (a first SIGINT/SIGTERM; the final checkpoint is written).
@@ -256,22 +335,32 @@ def train(config: config_lib.TrainConfig,
     actor starts; RunError (with the cause) if an actor or environment fails,
     an actor stalls or losses stay non-finite.
   """
+  started_at = time.perf_counter()
   if not isinstance(config, config_lib.TrainConfig):
     raise TypeError(f"config must be a TrainConfig, got {type(config)}")
-  cfg, lcfg = config, config.learner
+  cfg = config
   # ---- everything that can fail on bad input, before any actor starts ----
   run_dir_lib.resolve_allow_names(cfg.resume_allow_change, flag_paths)
   factory = resolve_env_factory(cfg, env_factory)
+  if cfg.actors == "processes":
+    from ald_jax.system import process_pool  # pylint: disable=import-outside-toplevel
+    process_pool.check_factory_picklable(factory)
+  env_record = registry.describe_env_factory(factory)
+  cfg = _effective_config(cfg, env_record)
   env_info = probe_environment(factory, cfg.seed)
   run_dir = os.path.abspath(cfg.logdir)
   # One run per directory: held until train() returns.
   with run_dir_lib.RunDirLock(run_dir):
-    return _train_locked(cfg, factory, env_info, run_dir, flag_paths)
+    return _train_locked(cfg, factory, env_info, run_dir, flag_paths,
+                         env_record, started_at, actor_sizing)
 
 
 def _train_locked(cfg: config_lib.TrainConfig, factory: EnvFactory,
                   env_info: specs.EnvInfo, run_dir: str,
-                  flag_paths: Mapping[str, str] | None) -> RunResult:
+                  flag_paths: Mapping[str, str] | None,
+                  env_record: Mapping[str, Any], started_at: float,
+                  actor_sizing: Mapping[str, Any] | None = None
+                  ) -> RunResult:
   lcfg = cfg.learner
   ckpt_dir = os.path.join(run_dir, CHECKPOINT_DIR)
   has_checkpoints = os.path.isdir(ckpt_dir) and any(
@@ -280,12 +369,24 @@ def _train_locked(cfg: config_lib.TrainConfig, factory: EnvFactory,
     raise config_lib.ConfigError(
         f"logdir: {run_dir} already holds checkpoints; pass --resume to "
         "continue that run or choose another --logdir")
+  if cfg.resume and has_checkpoints:
+    stored = run_dir_lib.read_latest_config(run_dir) or {}
+    run_dir_lib.check_resume_env(stored.get("env"), env_record,
+                                 cfg.resume_allow_change, flag_paths)
   if cfg.resume:
     latest = checkpoint_lib.read_latest_metadata(ckpt_dir)
     if latest is not None and "config" in latest[1]:
       run_dir_lib.check_resume_config(latest[1]["config"], cfg,
                                       cfg.resume_allow_change, flag_paths)
-  jax.config.update("jax_cpu_enable_async_dispatch", False)
+  if cfg.actors == "threads":
+    # Read when JAX's CPU client is created: a process that used JAX on
+    # its CPU before keeps the setting it had then.
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+  if cfg.compilation_cache:
+    logging.info("compilation cache: %s",
+                 compile_cache.enable(cfg.compilation_cache_dir))
+  else:
+    compile_cache.disable()
   learner = learner_lib.make_learner(lcfg, env_info.obs_shape,
                                      env_info.num_actions)
   learner_device = jax.devices()[0]
@@ -308,25 +409,26 @@ def _train_locked(cfg: config_lib.TrainConfig, factory: EnvFactory,
   segment = metadata.get("segment", -1) + 1 if metadata else 0
   env_offset = int(metadata.get("env_steps", 0))
   driver = driver_lib.LearnerDriver(
-      learner, cfg, learner_device, state, counters=metadata,
-      replay_rng_state=metadata.get("replay_rng_state"))
+      learner, cfg, learner_device, state, counters=metadata)
 
   core = learner.actor_core
   cores = affinity.assign_cores(cfg.num_actors, reserve_for_learner=1)
   calibration = actor_lib.calibrate_core(
-      core, driver.actor_params(), env_info.obs_shape, cfg.envs_per_actor,
+      core, driver.host_params(learner.actor_params), env_info.obs_shape, cfg.envs_per_actor,
       budget_ms=cfg.t_actor_budget_ms, policy=cfg.t_actor_policy,
       num_calls=cfg.calibration_steps, cores=cores.actors[0], seed=cfg.seed)
   logging.info("T_actor calibration (%d envs): p50 %.0f us, p99 %.0f us, "
                "budget %.2f ms", cfg.envs_per_actor, calibration.p50_us,
                calibration.p99_us, cfg.t_actor_budget_ms)
-  _write_config(run_dir, cfg, env_info, segment, calibration)
+  if actor_sizing is None and cfg.resume:
+    actor_sizing = (run_dir_lib.read_latest_config(run_dir) or {}).get(
+        "actor_sizing")
+  _write_config(run_dir, cfg, env_info, segment, calibration, env_record,
+                actor_sizing)
 
   # ---- the running system --------------------------------------------------
   spec = pool_lib.ActorSpec(
-      make_env=lambda i, incarnation=0: batched_lib.BatchedEnv(
-          factory, cfg.envs_per_actor,
-          _actor_seed(cfg.seed, i, segment, incarnation)),
+      make_env=EnvMaker(factory, cfg.envs_per_actor, cfg.seed, segment),
       core=core, num_actors=cfg.num_actors, envs_per_actor=cfg.envs_per_actor,
       unroll_length=lcfg.unroll_length, context_length=lcfg.learner_context,
       seed_for=functools.partial(_seed_for_actor, cfg.seed, segment),
@@ -343,10 +445,11 @@ def _train_locked(cfg: config_lib.TrainConfig, factory: EnvFactory,
 
   def save_checkpoint(step: int, host_state: Any, meta: dict[str, Any]):
     checkpointer.save(step, host_state,
-                      dict(meta, config=checkpoint_lib.to_jsonable(cfg)))
+                      dict(meta, config=_recorded_config(cfg, env_record)))
 
   pool = _make_pool(cfg, spec)  # builds; starts nothing
   evaluator = _make_evaluator(cfg, learner, factory, segment)
+  _compile_before_actors(driver, evaluator, learner, env_info)
   loop = loop_lib.LearnerLoop(
       cfg, pool, driver, write_row=write_row,
       save_checkpoint=save_checkpoint, env_offset=env_offset,
@@ -354,7 +457,8 @@ def _train_locked(cfg: config_lib.TrainConfig, factory: EnvFactory,
       wall_offset=float(metadata.get("wall_time_s", 0.0)), segment=segment,
       evaluator=evaluator,
       eval_params=(functools.partial(evaluation.eval_params, learner)
-                   if evaluator is not None else None))
+                   if evaluator is not None else None),
+      started_at=started_at)
   first_error = _FirstError()
   stuck: list[str] = []
   row: dict[str, Any] = {}
@@ -371,7 +475,7 @@ def _train_locked(cfg: config_lib.TrainConfig, factory: EnvFactory,
                                      else None):
           if evaluator is not None:
             evaluator.start()
-          pool.start(driver.actor_params())
+          loop.start_actors()
           loop.run()
     except BaseException as error:  # pylint: disable=broad-except
       first_error.record(error, "learner loop")

@@ -11,7 +11,9 @@ A resumed run must use the config its checkpoint was written with:
 `check_resume_config` lists every differing field as a dotted `TrainConfig`
 path with the stored and new values, unless `resume_allow_change` names it.
 `ALWAYS_ALLOWED` fields may change without being named: they neither change
-what is learned nor the data it is learned from.
+what is learned nor the data it is learned from. `check_resume_env` compares
+where the environments come from (config.json's "env" record), so a run
+made with an `env_factory` is never resumed on another environment.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from absl import logging
 
 from ald_jax import checkpoint as checkpoint_lib
 from ald_jax import config as config_lib
+from ald_jax.system import liveness
 
 LOCK_NAME = "run.lock"
 CONFIG_NAME = "config.json"
@@ -41,6 +44,10 @@ ALWAYS_ALLOWED = (
     "keep_checkpoints",
     "max_wall_time_s",        # a per-segment limit
     "pin_learner",            # where threads run, not what they compute
+    "publish_every_steps",    # how fresh actors' parameters are (system)
+    "publish_interval_s",
+    "compilation_cache",      # how executables are found, not what they do
+    "compilation_cache_dir",
     "calibration_steps",      # the start-up T_actor check
     "t_actor_policy",
     "t_actor_budget_ms",      # a threshold for refusal and overrun counts
@@ -89,7 +96,7 @@ class RunDirLock:
       holder = read_lock_holder(self.run_dir)
       if holder is None:
         who = "pid unknown"
-      elif _is_alive(holder):
+      elif liveness.process_alive(holder):
         who = f"pid {holder}"
       else:  # a child forked while the lock was held outlived its parent
         who = (f"pid {holder}, no longer running: a process it forked still "
@@ -121,16 +128,6 @@ class RunDirLock:
 
   def __exit__(self, *exc_info) -> None:
     self.release()
-
-
-def _is_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # exists, owned by another user
-    return True
-  return True
 
 
 def read_lock_holder(run_dir: str | os.PathLike) -> int | None:
@@ -320,3 +317,59 @@ def check_resume_config(stored: Mapping[str, Any],
   for path, (old, value) in sorted(allowed.items()):
     logging.info("resume: %s changed from %r to %r", path, old, value)
   return allowed
+
+
+def _describe(record: Mapping[str, Any]) -> str:
+  origin = record.get("name") or record.get("id") or record.get("callable")
+  kwargs = record.get("kwargs")
+  args = f" with kwargs {dict(kwargs)!r}" if kwargs else ""
+  return f"{record.get('source')} {origin!r}{args}"
+
+
+def check_resume_env(stored: Mapping[str, Any] | None,
+                     current: Mapping[str, Any],
+                     allow: Sequence[str] = (),
+                     flag_paths: Mapping[str, str] | None = None) -> None:
+  """Refuses a resume whose environments would come from elsewhere.
+
+  Args:
+    stored: the run's "env" record (config.json), None for a run recorded
+      without one (nothing to compare).
+    current: this segment's record (`registry.describe_env_factory`).
+    allow, flag_paths: as for `check_resume_config`; a name matching `env`
+      allows the change.
+
+  Two registry records may differ here: `check_resume_config` names the
+  changed `env` / `env_kwargs` fields.
+
+  Raises:
+    ConfigError starting "resume:" that says how to resume such a run.
+  """
+  if stored is None:
+    return
+  stored_json = checkpoint_lib.to_jsonable(dict(stored))
+  current_json = checkpoint_lib.to_jsonable(dict(current))
+  registry_source = "registry"
+  if stored_json == current_json or (
+      stored_json.get("source") == registry_source
+      and current_json.get("source") == registry_source):
+    return
+  names = resolve_allow_names(tuple(allow), flag_paths)
+  if any(_matches(name, "env") for name in names):
+    logging.info("resume: environment changed from %s to %s",
+                 _describe(stored_json), _describe(current_json))
+    return
+  if current_json.get("source") == registry_source:
+    raise config_lib.ConfigError(
+        f"resume: this run's environments came from an env_factory "
+        f"({_describe(stored_json)}), which the command line cannot "
+        f"rebuild; it would build {_describe(current_json)} instead. Resume "
+        "it from Python with the same factory: ald_jax.train(config, "
+        "env_factory=...) with resume=True; or register the environment "
+        "(ald_jax.envs.register(NAME, constructor)) and resume through "
+        "ald_jax.train.run_cli() with --env=NAME --resume.")
+  raise config_lib.ConfigError(
+      f"resume: the environments differ from the stored run's: stored "
+      f"{_describe(stored_json)}, now {_describe(current_json)}. Resume "
+      "with the same env_factory, or name env in resume_allow_change to "
+      "change it.")
