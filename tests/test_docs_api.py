@@ -6,12 +6,14 @@ import re
 
 import pytest
 
+import ald_jax
 from ald_jax import config
 from ald_jax import envs
 from ald_jax import learner
 from ald_jax import metrics
 from ald_jax import train
 from ald_jax import types
+from ald_jax.system import actor_sizing
 from ald_jax.system import run
 
 API_MD = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "api.md")
@@ -20,8 +22,10 @@ API_MD = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "api.md")
 DOCUMENTED = {
     learner: ["make_learner", "Learner", "LearnerState", "ActorCore"],
     types: ["Batch"],
-    train: ["train"],
+    train: ["train", "run_cli", "config_from_argv"],
     run: ["RunResult"],
+    actor_sizing: ["resolve_auto_width"],
+    ald_jax: ["Policy", "export_actor"],
     config: ["TrainConfig", "LearnerConfig", "TorsoConfig", "LSTMConfig",
              "GTrXLConfig", "VMPOConfig", "VTraceConfig", "DistillConfig",
              "OptimizerConfig", "ConfigError"],

@@ -237,3 +237,35 @@ def test_teacher_confidence_step_weights_by_hand():
                              [1.0, 1.0, 1.0])
   with pytest.raises(ValueError, match="unknown step weighting"):
     distill.step_weights(logits, mask, "kl")
+
+
+# ------------------------------------------- weighted and unweighted metrics --
+
+def test_distillation_metrics_by_hand():
+  """Teacher-confidence weights: the loss's weighted KL beside the plain one.
+
+  Step 0: a uniform teacher (confidence 0, nothing to teach). Step 1: the
+  teacher says (3/4, 1/4): H = 0.562335, confidence 1 - H / log 2 = 0.188722.
+  Step 2 is masked out. Mean confidence over the valid steps 0.094361, so
+  the weights are (0, 2). The student is uniform on every step.
+  """
+  teacher = f32([[0.0, 0.0], [math.log(3.0), 0.0], [5.0, 0.0]])
+  student = f32(np.zeros((3, 2)))
+  mask = f32([1.0, 1.0, 0.0])
+  weights = distill.step_weights(teacher, mask, "teacher_confidence")
+  np.testing.assert_allclose(weights[:2], [0.0, 2.0], atol=1e-6)
+  policy_kl = distill.policy_distillation(teacher, student)
+  # KL((3/4, 1/4) || (1/2, 1/2)) = 3/4 log(3/2) + 1/4 log(1/2) = 0.130812.
+  np.testing.assert_allclose(policy_kl[:2], [0.0, 0.130812], atol=1e-6)
+  value_sq = distill.value_distillation(f32([1.0, 3.0, 9.0]), f32([0, 0, 0]))
+  metrics = distill.distillation_metrics(policy_kl, value_sq, weights, mask)
+  np.testing.assert_allclose(metrics["policy_kl"], 0.130812 / 2, atol=1e-6)
+  np.testing.assert_allclose(metrics["policy_kl_weighted"], 0.130812,
+                             atol=1e-6)
+  np.testing.assert_allclose(metrics["value_loss"], (0.5 + 4.5) / 2)
+  np.testing.assert_allclose(metrics["value_loss_weighted"], 4.5)
+  # Uniform weights: each pair is one number.
+  uniform = distill.step_weights(teacher, mask, "uniform")
+  plain = distill.distillation_metrics(policy_kl, value_sq, uniform, mask)
+  assert float(plain["policy_kl"]) == float(plain["policy_kl_weighted"])
+  assert float(plain["value_loss"]) == float(plain["value_loss_weighted"])

@@ -34,6 +34,7 @@ import dm_env
 from dm_env import specs
 import numpy as np
 
+from ald_jax.envs import registry
 from ald_jax.envs.batched import EnvFactory
 from ald_jax.envs.specs import check_observation_options
 from ald_jax.envs.specs import log_once
@@ -241,6 +242,18 @@ class _GymnasiumFactory:
       options["observation_scale"] = self.observation_scale
     args = "".join(f", {k}={v!r}" for k, v in sorted(options.items()))
     return f"gymnasium_env_factory({source!r}{args})"
+
+  def provenance(self) -> dict[str, Any]:
+    """The gymnasium id (or the env callable's module:qualname) and every
+    argument the factory passes on."""
+    if isinstance(self._source, str):
+      origin = {"id": self._source}
+    else:
+      origin = {"callable": registry.qualified_name(self._source)}
+    return {"source": "gymnasium", **origin,
+            "kwargs": dict(sorted(self.kwargs.items())),
+            "observation_key": self.observation_key,
+            "observation_scale": self.observation_scale}
 
 
 def gymnasium_env_factory(env_id_or_callable: str | Callable[..., Any],

@@ -9,6 +9,12 @@ a callable `(seed) -> dm_env.Environment`.
 
 Any dm_env environment plugs in without the registry too: pass your own
 `(seed) -> env` callable wherever an `EnvFactory` is expected.
+
+`describe_env_factory` says where a factory's environments come from (the
+run directory's config.json records it, and a resume compares it): a
+registered name with its kwargs, a gymnasium id with its kwargs, or the
+callable's `module:qualname`. A factory object may describe itself with a
+`provenance()` method returning such a JSON-able dict.
 """
 from __future__ import annotations
 
@@ -71,6 +77,54 @@ class _RegisteredFactory:
   def __repr__(self) -> str:
     args = ", ".join(f"{k}={v!r}" for k, v in sorted(self.kwargs.items()))
     return f"EnvFactory({self.name!r}{', ' + args if args else ''})"
+
+  def provenance(self) -> dict[str, Any]:
+    return {"source": REGISTRY_SOURCE, "name": self.name,
+            "kwargs": dict(sorted(self.kwargs.items()))}
+
+
+REGISTRY_SOURCE = "registry"
+
+
+def qualified_name(fn: Any) -> str:
+  """`module:qualname` of a function or class; of its class for an instance
+  (a callable object names its type, the thing one can import again)."""
+  target = fn if hasattr(fn, "__qualname__") else type(fn)
+  return f"{target.__module__}:{target.__qualname__}"
+
+
+def _jsonable(value: Any) -> Any:
+  """JSON types as they are (tuples as lists); anything else as its repr
+  (the record says what it was; it cannot rebuild it anyway)."""
+  if isinstance(value, dict):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  if value is None or isinstance(value, (bool, int, float, str)):
+    return value
+  if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+    return _jsonable(value.item())  # a numpy scalar
+  return repr(value)
+
+
+def describe_env_factory(factory: EnvFactory) -> dict[str, Any]:
+  """Where `factory`'s environments come from, as a JSON-able dict.
+
+  `{"source": "registry", "name": ..., "kwargs": {...}}` for
+  `make_env_factory`'s factories, `{"source": "gymnasium", "id": ...,
+  "kwargs": {...}, ...}` for `gymnasium_env_factory`'s, whatever a
+  `provenance()` method returns, else `{"source": "callable", "callable":
+  "module:qualname"}`.
+  """
+  provenance = getattr(factory, "provenance", None)
+  if callable(provenance):
+    record = provenance()
+    if not isinstance(record, dict) or not isinstance(
+        record.get("source"), str):
+      raise TypeError(f"{factory!r}.provenance() must return a dict with a "
+                      f"'source' string, got {record!r}")
+    return _jsonable(record)
+  return {"source": "callable", "callable": qualified_name(factory)}
 
 
 def _check_kwargs(name: str, constructor: Constructor,

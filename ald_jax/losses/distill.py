@@ -1,4 +1,4 @@
-"""Actor-learner distillation losses (SPEC section 1).
+"""Actor-learner distillation losses (docs/design.md, "Losses").
 
 * Actor (student) side: alpha_pi * KL(sg[pi_L] || pi_A) is
   `policy_distillation(teacher_logits=learner_logits, student_logits=
@@ -13,6 +13,11 @@ The teacher side is always wrapped in `stop_gradient`, so these functions on
 their own guarantee that no gradient reaches the teacher. Both are per step:
 `[T, A]`/`[T]` in, `[T]` out (callers `jax.vmap` over the batch, then mask and
 average with `masked_mean`).
+
+With `step_weights` other than uniform, the loss minimises the step-weighted
+means; `distillation_metrics` reports them beside the plain means, which can
+move the other way (a teacher-confidence-weighted KL falls while the
+unweighted KL, dominated by steps the teacher is unsure of, rises).
 """
 from __future__ import annotations
 
@@ -67,3 +72,20 @@ def step_weights(teacher_logits: Array, mask: Array, weighting: str) -> Array:
   confidence = jnp.maximum(confidence, 0.0)
   mean = common.masked_mean(confidence, mask)
   return confidence / jnp.maximum(mean, 1e-6)
+
+
+def distillation_metrics(policy_kl: Array, value_sq: Array, weights: Array,
+                         mask: Array) -> dict[str, Array]:
+  """Per-step terms `[..., T]` -> the distillation metrics (scalars).
+
+  `policy_kl` / `value_loss`: the plain means over the valid steps, how well
+  the actor matches the teacher everywhere. `policy_kl_weighted` /
+  `value_loss_weighted`: the means weighted by `weights` (`step_weights`),
+  the terms the distillation loss minimises (alpha_pi and alpha_V times
+  these). With uniform weights each pair is equal.
+  """
+  chex.assert_equal_shape([policy_kl, value_sq, weights, mask])
+  return {"policy_kl": common.masked_mean(policy_kl, mask),
+          "value_loss": common.masked_mean(value_sq, mask),
+          "policy_kl_weighted": common.masked_mean(policy_kl * weights, mask),
+          "value_loss_weighted": common.masked_mean(value_sq * weights, mask)}
