@@ -45,6 +45,10 @@ QUEUE_SIZE = "queue_size"
 QUEUE_CAPACITY = "queue_capacity"
 VERSION_LAG = "version_lag"
 ACTOR_RESTARTS = "actor_restarts"  # process mode only
+# Resources: the learner process's resident memory, and the learner device's
+# memory in use where the device reports it (GPUs and TPUs; not JAX's CPU).
+RSS_MB = "rss_mb"
+DEVICE_MEMORY_MB = "device_memory_mb"
 AGENT = "agent"
 # The learner-actor gap (system/evaluation.py): the latest evaluation's
 # results, repeated in every row until the next one completes (NaN before the
@@ -414,6 +418,34 @@ def _get(row: Mapping[str, Any], key: str) -> float | None:
   return None if math.isnan(value) else value
 
 
+def process_rss_mb() -> float | None:
+  """This process's resident memory in MiB (Linux; None elsewhere)."""
+  try:
+    with open("/proc/self/statm", encoding="ascii") as f:
+      resident_pages = int(f.read().split()[1])
+  except (OSError, ValueError, IndexError):
+    return None
+  return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def device_memory_mb(device: Any) -> float | None:
+  """Memory in use on a JAX device in MiB, where it reports it."""
+  try:
+    stats = device.memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    return None  # a backend without the call
+  if not stats or "bytes_in_use" not in stats:
+    return None
+  return stats["bytes_in_use"] / 2**20
+
+
+def resource_entries(device: Any) -> dict[str, float]:
+  """The resource entries of a metrics row (those that can be read)."""
+  entries = {RSS_MB: process_rss_mb(), DEVICE_MEMORY_MB: device_memory_mb(
+      device)}
+  return {key: value for key, value in entries.items() if value is not None}
+
+
 def format_progress(row: Mapping[str, Any]) -> str:
   """One human-readable progress line from a metrics row (missing -> '-')."""
   def show(key, fmt):
@@ -450,4 +482,9 @@ def format_progress(row: Mapping[str, Any]) -> str:
       parts.append(f"eval {show(EVAL_ACTOR_RETURN, value)}")
   if ACTOR_RESTARTS in row:  # actor processes: restarts so far
     parts.append(f"restarts {show(ACTOR_RESTARTS, lambda v: f'{v:.0f}')}")
+  if RSS_MB in row:
+    memory = f"mem {show(RSS_MB, lambda v: f'{v:.0f}MB')}"
+    if DEVICE_MEMORY_MB in row:
+      memory += f" device {show(DEVICE_MEMORY_MB, lambda v: f'{v:.0f}MB')}"
+    parts.append(memory)
   return " | ".join(parts)

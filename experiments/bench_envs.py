@@ -12,12 +12,10 @@ environment, for the cost of the batching layer itself.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 import numpy as np
@@ -25,20 +23,11 @@ import numpy as np
 from ald_jax.envs import BatchedEnv
 from ald_jax.envs import make_env_factory
 
+import bench_output  # pylint: disable=g-bad-import-order
+
 ENVS = ("imaze", "meta_fetch")
 NUM_ENVS = (1, 16, 64)
 _ACTION_BLOCK = 4096
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 def batched_sps(name: str, num_envs: int, seconds: float) -> float:
@@ -93,10 +82,10 @@ def main() -> None:
       result[f"{name}_e{num_envs}_sps"] = round(statistics.median(runs))
     runs = [raw_sps(name, args.seconds) for _ in range(args.repeats)]
     result[f"{name}_raw_sps"] = round(statistics.median(runs))
-  result["command"] = " ".join(["python"] + sys.argv)
-  result["date"] = datetime.date.today().isoformat()
-  result["machine"] = (f"{_cpu_model()}, {os.cpu_count()} cores visible, "
-                       f"{platform.system()} {platform.machine()}, Python "
+  result.update(bench_output.header())
+  result["machine"] = (f"{bench_output.cpu_model()}, {os.cpu_count()} cores "
+                       f"visible, {platform.system()} {platform.machine()}, "
+                       f"Python "
                        f"{platform.python_version()}, numpy {np.__version__}")
   result["method"] = (f"median of {args.repeats} runs of ~{args.seconds}s; "
                       f"uniform random actions; default env kwargs; seed 0")

@@ -117,6 +117,34 @@ def test_progress_line():
   assert "restarts" not in line
   assert metrics.format_progress(dict(row, actor_restarts=2)).endswith(
       " | restarts 2")
+  assert metrics.format_progress(dict(row, rss_mb=812.4)).endswith(
+      " | mem 812MB")
+  assert metrics.format_progress(dict(row, rss_mb=812.4,
+                                      device_memory_mb=2048.0)).endswith(
+      " | mem 812MB device 2048MB")
+
+
+def test_resources_read_this_process_and_a_device_that_reports_memory():
+  rss = metrics.process_rss_mb()
+  # This process holds numpy and JAX: tens of MiB at least, below the RAM.
+  assert 10 < rss < os.sysconf("SC_PHYS_PAGES") * os.sysconf(
+      "SC_PAGE_SIZE") / 2**20
+
+  class Reporting:
+    def memory_stats(self):
+      return {"bytes_in_use": 3 * 2**20, "peak_bytes_in_use": 5 * 2**20}
+
+  class Silent:
+    def memory_stats(self):
+      return None
+
+  assert metrics.device_memory_mb(Reporting()) == 3.0
+  assert metrics.device_memory_mb(Silent()) is None
+  assert metrics.device_memory_mb(object()) is None  # no memory_stats at all
+  entries = metrics.resource_entries(Reporting())
+  assert entries == {"rss_mb": pytest.approx(entries["rss_mb"]),
+                     "device_memory_mb": 3.0}
+  assert set(metrics.resource_entries(Silent())) == {"rss_mb"}
 
 
 # -- TensorBoard ---------------------------------------------------------------

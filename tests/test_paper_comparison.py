@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import threading
+from unittest import mock
 
 import pytest
 
@@ -239,20 +240,13 @@ class _StepCounter:
         os.kill(os.getpid(), signal.SIGINT)
 
 
-class _InterruptingIMaze(imaze.IMaze):
-
-  def __init__(self, counter, **kwargs):
-    super().__init__(**kwargs)
-    self._counter = counter
-
-  def step(self, action):
-    self._counter.tick()
-    return super().step(action)
-
-
 class RecordingTrain:
   """train_fn: records each config and stops the run at `interrupt_dir`
-  after STOP_AFTER_STEPS env steps (the first time only)."""
+  after STOP_AFTER_STEPS env steps (the first time only).
+
+  The stopped run uses the built-in environment (its IMaze.step counts for
+  the run's duration), so its recorded env is the one the grid resumes with.
+  """
 
   def __init__(self, interrupt_dir=None):
     self.configs = []
@@ -261,14 +255,19 @@ class RecordingTrain:
 
   def __call__(self, config):
     self.configs.append(config)
-    factory = None
-    if config.logdir == self._interrupt_dir:
+    if config.logdir != self._interrupt_dir:
+      result = run_lib.train(config)
+    else:
       self._interrupt_dir = None
       counter = _StepCounter(STOP_AFTER_STEPS)
-      kwargs = config.env_kwargs_dict
-      factory = lambda seed: _InterruptingIMaze(counter, seed=seed,
-                                                    **kwargs)
-    result = run_lib.train(config, env_factory=factory)
+      original_step = imaze.IMaze.step
+
+      def counting_step(env, action):
+        counter.tick()
+        return original_step(env, action)
+
+      with mock.patch.object(imaze.IMaze, "step", counting_step):
+        result = run_lib.train(config)
     self.results[config.logdir] = result
     return result
 

@@ -1,11 +1,17 @@
 """Errors that stop a run. Each message names the cause (actor, env, step).
 
+`ErrorHolder` keeps the first error any of the system's threads raised, and
+stops the others.
+
 `RunError` subclasses are *known* failures: the CLI prints their message
 without a traceback. A `RunError` raised for an unexpected exception (a bug
 in an environment, say) keeps that exception as `__cause__` and its
 traceback in `cause_traceback`.
 """
 from __future__ import annotations
+
+import threading
+import traceback
 
 
 class RunError(RuntimeError):
@@ -34,3 +40,46 @@ class ActorRestartLimitError(RunError):
 
 class EvaluationError(RunError):
   """The learner-actor gap evaluation (system/evaluation.py) failed."""
+
+
+class ErrorHolder:
+  """Keeps the first exception raised by any thread, with its traceback.
+
+  `record` also sets the shared stop event, so one failing thread stops the
+  whole run; later errors (often consequences of the first) are counted only.
+  """
+
+  def __init__(self, stop_event: threading.Event | None = None):
+    self._lock = threading.Lock()
+    self._stop_event = stop_event
+    self.error: BaseException | None = None
+    self.where: str | None = None
+    self.traceback: str | None = None
+    self.num_errors = 0
+
+  def record(self, error: BaseException, where: str) -> None:
+    """Records `error` (call from inside an `except` block) and stops."""
+    with self._lock:
+      self.num_errors += 1
+      if self.error is None:
+        self.error = error
+        self.where = where
+        self.traceback = "".join(
+            traceback.format_exception(type(error), error, error.__traceback__))
+    if self._stop_event is not None:
+      self._stop_event.set()
+
+  @property
+  def has_error(self) -> bool:
+    return self.error is not None
+
+  def message(self) -> str:
+    """One human-readable description of the first error, or ''."""
+    if self.error is None:
+      return ""
+    return f"{self.where}: {type(self.error).__name__}: {self.error}"
+
+  def raise_if_error(self) -> None:
+    """Re-raises the first error as a RuntimeError chained to the cause."""
+    if self.error is not None:
+      raise RuntimeError(f"{self.message()}\n{self.traceback}") from self.error
