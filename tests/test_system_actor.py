@@ -2,6 +2,7 @@
 import os
 import queue
 import threading
+import time
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -428,6 +429,36 @@ def test_error_holder_keeps_the_first_error_and_stops_the_run():
       errors.record(e, where)
   assert stop.is_set() and errors.num_errors == 2
   assert errors.message() == "actor 1: KeyError: 'first'"
+
+
+def test_error_holder_never_shows_an_error_without_its_traceback(monkeypatch):
+  """A poll reply read while a thread is failing gets message and traceback
+  together (formatting the traceback is slowed here to widen the window)."""
+  format_exception = errors_lib.traceback.format_exception
+
+  def slow_format(*args, **kwargs):
+    time.sleep(0.2)
+    return format_exception(*args, **kwargs)
+
+  monkeypatch.setattr(errors_lib.traceback, "format_exception", slow_format)
+  errors = errors_lib.ErrorHolder()
+  seen = []
+  done = threading.Event()
+
+  def poll():
+    while not done.is_set():
+      seen.append(errors.first())
+
+  reader = threading.Thread(target=poll)
+  reader.start()
+  try:
+    raise RuntimeError("env exploded")
+  except RuntimeError as e:
+    errors.record(e, "actor 0")
+  done.set()
+  reader.join(JOIN_S)
+  assert seen and seen[-1][0] == "actor 0: RuntimeError: env exploded"
+  assert all(tb is not None for message, tb in seen if message is not None)
 
 
 def test_summarize_actors_sums_counters_and_merges_latency():

@@ -150,13 +150,13 @@ class ActorGroup:
   def report(self, unrolls: list[types.Batch], with_latency: bool,
              node_id: str = "") -> PollReply:
     now = time.monotonic()
+    error, error_traceback = self._errors.first()
     return PollReply(
         unrolls, [e for t in self.threads for e in t.drain_episodes()],
         [t.stats() for t in self.threads],
         [snapshot(t.latency) for t in self.threads] if with_latency else None,
         [now - t.last_progress for t in self.threads],
-        self._errors.message() or None, self._errors.traceback, os.getpid(),
-        node_id)
+        error, error_traceback, os.getpid(), node_id)
 
   def stop(self, timeout_s: float) -> bool:
     """Stops every thread within one deadline; True if all ended."""

@@ -62,10 +62,12 @@ class ErrorHolder:
     with self._lock:
       self.num_errors += 1
       if self.error is None:
-        self.error = error
-        self.where = where
+        # `error` last: readers that check it without the lock (a poll reply
+        # built while a thread is failing) then see where and traceback too.
         self.traceback = "".join(
             traceback.format_exception(type(error), error, error.__traceback__))
+        self.where = where
+        self.error = error
     if self._stop_event is not None:
       self._stop_event.set()
 
@@ -78,6 +80,11 @@ class ErrorHolder:
     if self.error is None:
       return ""
     return f"{self.where}: {type(self.error).__name__}: {self.error}"
+
+  def first(self) -> tuple[str | None, str | None]:
+    """(message, traceback) of the first error, read together; Nones if none."""
+    with self._lock:
+      return (self.message() or None), self.traceback
 
   def raise_if_error(self) -> None:
     """Re-raises the first error as a RuntimeError chained to the cause."""
